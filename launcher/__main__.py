@@ -1,0 +1,51 @@
+"""`make run`: start the whole platform in the foreground; Ctrl-C or SIGTERM
+stops every process it started."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+from launcher.readiness import StartError
+from launcher.settings import LauncherSettings
+from launcher.stack import Stack
+
+
+def main() -> int:
+    settings = LauncherSettings()
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stack = Stack(settings)
+    print("[mariana] starting redis, moderation, billing, auth, inference, router, envoy ...", flush=True)
+    try:
+        plan = stack.start()
+    except StartError as error:
+        print(f"[mariana] start-up failed: {error}", file=sys.stderr, flush=True)
+        stack.stop()
+        return 1
+    edge = f"127.0.0.1:{plan.edge_port}"
+    print(f"""[mariana] ready.
+  edge (REST + gRPC): http://{edge}/v1      logs: {stack.logs}/
+  Envoy admin:        http://127.0.0.1:{plan.admin_port}/
+  get a key:          MARIANA_MASTER_KEY=<admin key> .venv/bin/python -m services.auth.cli --edge {edge} create-key --tenant demo""",
+          flush=True)
+    if settings.master_key is None:
+        print("  (no MARIANA_MASTER_KEY was set, so no admin key exists: restart with one to issue keys)", flush=True)
+    print("[mariana] Ctrl-C stops everything.", flush=True)
+    while not stop.wait(0.5):
+        dead = stack.check_alive()
+        if dead is not None:
+            print(f"[mariana] {dead.name} exited with {dead.exited()}; stopping.\n{dead.log_tail()}",
+                  file=sys.stderr, flush=True)
+            stack.stop()
+            return 1
+    print("[mariana] stopping ...", flush=True)
+    stack.stop()
+    print("[mariana] stopped.", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

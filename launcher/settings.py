@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class LauncherSettings(BaseSettings):
+    """How `make run` (and the end-to-end tests) start the platform."""
+
+    model_config = SettingsConfigDict(env_prefix="MARIANA_", extra="ignore", frozen=True)
+
+    data_dir: Path = Field(REPO / ".data", description="Databases, certificates, logs and the model live here.")
+    edge_port: int | None = Field(None, ge=0, le=65535, description="Edge port; default from mesh/topology.yaml.")
+    any_ports: bool = Field(False, description="Pick free ports for everything but the edge (tests).")
+    master_key: SecretStr | None = Field(None, description="Admin API key; lets scripts start with no other step.")
+    model_dir: Path | None = Field(None, description="Checkpoint directory; default data_dir/models/<default model>.")
+    inference_backend: Literal["deepspeed", "torch"] = Field("deepspeed", description="Inference backend.")
+    log_level: str = Field("info", description="Log level of every service.")
+    start_timeout_s: float = Field(180.0, gt=0, description="How long start-up may take before it is abandoned.")
+
+    def resolved_model_dir(self) -> Path:
+        return self.model_dir or self.data_dir / "models" / "smollm2-135m-instruct"

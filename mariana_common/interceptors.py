@@ -1,0 +1,132 @@
+"""The one place where domain errors become gRPC status codes, and where each
+call's trace id is bound to the log context."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+
+from mariana_common import errors
+
+log = structlog.get_logger()
+
+# Exhaustive on purpose: a new error class must be given its status here.
+STATUS_BY_ERROR: dict[type[errors.MarianaError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+TRACE_HEADERS = ("x-request-id", "traceparent")
+
+
+def status_for(error: errors.MarianaError) -> grpc.StatusCode:
+    return STATUS_BY_ERROR[type(error)]
+
+
+def trace_id_from(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
+    values = dict(metadata or ())
+    for name in TRACE_HEADERS:
+        value = values.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return uuid.uuid4().hex
+
+
+async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(exc, errors.MarianaError):
+        code = status_for(exc)
+        if isinstance(exc, errors.ResourceExhausted) and exc.retry_after_s is not None:
+            context.set_trailing_metadata((("retry-after", str(max(1, round(exc.retry_after_s)))),))
+        log.info("call refused", code=code.name, reason=str(exc))
+        await context.abort(code, str(exc))
+    log.exception("call failed")
+    trace_id = structlog.contextvars.get_contextvars().get("trace_id", "")
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (trace id {trace_id})")
+
+
+Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Streaming = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+
+
+def _wrap_unary(behaviour: Unary, method: str) -> Unary:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        structlog.contextvars.bind_contextvars(
+            trace_id=trace_id_from(context.invocation_metadata()), rpc=method
+        )
+        try:
+            return await behaviour(request, context)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - turned into a status below
+            await _abort_for(exc, context)
+
+    return wrapped
+
+
+def _wrap_streaming(behaviour: Streaming, method: str) -> Streaming:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        structlog.contextvars.bind_contextvars(
+            trace_id=trace_id_from(context.invocation_metadata()), rpc=method
+        )
+        try:
+            async for item in behaviour(request, context):
+                yield item
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - turned into a status below
+            await _abort_for(exc, context)
+
+    return wrapped
+
+
+class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):
+    """Maps domain errors to status codes; anything else becomes INTERNAL with
+    the trace id, logged with its traceback. Nothing reaches a client as UNKNOWN."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary and inspect.iscoroutinefunction(handler.unary_unary):
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_streaming(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+_ERROR_BY_STATUS = {code: error for error, code in STATUS_BY_ERROR.items()}
+
+
+def error_from_status(code: grpc.StatusCode, message: str) -> errors.MarianaError:
+    """The domain error for a status an upstream returned, so a caller's own
+    interceptor passes it on with the same code. Unmapped codes (INTERNAL,
+    UNKNOWN, ...) mean the upstream is broken: UNAVAILABLE to our caller."""
+    error_type = _ERROR_BY_STATUS.get(code)
+    if error_type is None:
+        return errors.Unavailable(f"upstream failed: {code.name}: {message}")
+    return error_type(message)

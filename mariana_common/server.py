@@ -1,0 +1,103 @@
+"""Server bootstrap: `create_server` builds a grpc.aio server with mTLS,
+health, reflection and the error interceptor (tests call it with port 0);
+`serve` runs it until SIGTERM/SIGINT, then drains."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
+
+import grpc
+import structlog
+import uvloop
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mariana_common.interceptors import ErrorStatusInterceptor
+from mariana_common.settings import ServiceSettings
+from mariana_common.tls import server_credentials
+
+log = structlog.get_logger()
+
+Registrar = Callable[[grpc.aio.Server], None]
+
+
+class Server:
+    """A started-or-not grpc.aio server and the port it is bound to."""
+
+    def __init__(self, server: grpc.aio.Server, port: int, health: health.aio.HealthServicer,
+                 service_names: Iterable[str]) -> None:
+        self.grpc = server
+        self.port = port
+        self.health = health
+        self.service_names = tuple(service_names)
+
+    async def start(self) -> None:
+        await self.grpc.start()
+        await self.set_serving(True)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float) -> None:
+        await self.set_serving(False)
+        await self.grpc.stop(grace)
+
+
+def create_server(
+    settings: ServiceSettings,
+    register: Registrar,
+    service_names: Iterable[str],
+    *,
+    plaintext: bool = False,
+) -> Server:
+    """Builds the server; `register` adds the service's servicers to it.
+
+    `plaintext` exists for unit tests of a servicer alone; every process the
+    platform runs uses mTLS."""
+    server = grpc.aio.server(
+        interceptors=[ErrorStatusInterceptor()],
+        options=[("grpc.so_reuseport", 0)],
+    )
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = tuple(service_names)
+    reflection.enable_server_reflection((*names, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
+    address = f"{settings.host}:{settings.port}"
+    if plaintext:
+        port = server.add_insecure_port(address)
+    else:
+        credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
+        port = server.add_secure_port(address, credentials)
+    return Server(server, port, health_servicer, names)
+
+
+async def serve(server: Server, settings: ServiceSettings) -> None:
+    """Serves until SIGTERM or SIGINT; then stops accepting calls and gives
+    in-flight ones `shutdown_grace_s` to finish."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await server.start()
+    if settings.port_file is not None:
+        settings.port_file.write_text(str(server.port))
+    log.info("serving", address=f"{settings.host}:{server.port}")
+    await stop.wait()
+    log.info("draining", grace_s=settings.shutdown_grace_s)
+    await server.stop(settings.shutdown_grace_s)
+    log.info("stopped")
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Runs a service's async main on uvloop."""
+    uvloop.run(main())

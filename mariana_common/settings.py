@@ -1,0 +1,27 @@
+"""Typed settings shared by every service. Each service subclasses
+`ServiceSettings` with its own environment prefix and adds its own fields;
+every variable is declared once, here or there, with a default and a comment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """Where a service listens and how it proves who it is."""
+
+    model_config = SettingsConfigDict(env_prefix="MARIANA_", extra="ignore", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
+    port: int = Field(0, ge=0, le=65535, description="Port; 0 picks a free one.")
+    tls_cert: Path = Field(..., description="PEM certificate of this service.")
+    tls_key: Path = Field(..., description="PEM private key of this service.")
+    tls_ca: Path = Field(..., description="PEM CA that signs every certificate in the mesh.")
+    log_level: str = Field("info", description="debug, info, warning or error.")
+    shutdown_grace_s: float = Field(5.0, ge=0, description="Time in-flight calls get on SIGTERM.")
+    port_file: Path | None = Field(
+        None, description="When set, the bound port is written here once serving."
+    )

@@ -1,0 +1,108 @@
+"""The typed form of topology.yaml. Defaults here are the policy a service gets
+when the file says nothing about it."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from typing import Annotated
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+DEFAULT_FILE = Path(__file__).with_name("topology.yaml")
+EDGE = "edge"
+
+
+def _parse_duration(value: object) -> object:
+    """Envoy's style: "1.5s" or "250ms"."""
+    if isinstance(value, str):
+        if value.endswith("ms"):
+            return timedelta(milliseconds=float(value[:-2]))
+        if value.endswith("s"):
+            return timedelta(seconds=float(value[:-1]))
+        raise ValueError(f"duration {value!r} must end in 's' or 'ms'")
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_parse_duration)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RetryPolicy(Strict):
+    retry_on: list[str] = Field(default_factory=lambda: ["connect-failure", "refused-stream"])
+    num_retries: int = Field(1, ge=0, le=10)
+    per_try_timeout: Duration | None = None
+
+
+class CircuitBreaker(Strict):
+    max_connections: int = Field(1024, gt=0)
+    max_pending_requests: int = Field(1024, gt=0)
+    max_requests: int = Field(1024, gt=0)
+    max_retries: int = Field(3, ge=0)
+
+
+class OutlierDetection(Strict):
+    consecutive_5xx: int = Field(5, gt=0)
+    consecutive_gateway_failure: int = Field(3, gt=0)
+    interval: Duration = timedelta(seconds=5)
+    base_ejection_time: Duration = timedelta(seconds=15)
+    max_ejection_percent: int = Field(50, ge=0, le=100)
+
+
+class HealthCheck(Strict):
+    interval: Duration = timedelta(seconds=5)
+    timeout: Duration = timedelta(seconds=1)
+    unhealthy_threshold: int = Field(2, gt=0)
+    healthy_threshold: int = Field(1, gt=0)
+
+
+class Service(Strict):
+    port: int = Field(..., ge=0, le=65535)
+    mesh_port: int | None = Field(None, ge=0, le=65535)
+    replicas: int = Field(1, ge=1)
+    callers: list[str] = Field(default_factory=list)
+    timeout: Duration = timedelta(seconds=30)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
+    outlier_detection: OutlierDetection = Field(default_factory=OutlierDetection)
+    health_check: HealthCheck = Field(default_factory=HealthCheck)
+
+
+class Edge(Strict):
+    port: int = Field(8080, ge=0, le=65535)
+    admin_port: int = Field(9901, ge=0, le=65535)
+    ext_authz_timeout: Duration = timedelta(milliseconds=500)
+
+
+class Redis(Strict):
+    port: int = Field(6379, ge=0, le=65535)
+
+
+class Topology(Strict):
+    trust_domain: str
+    edge: Edge = Field(default_factory=Edge)
+    redis: Redis = Field(default_factory=Redis)
+    services: dict[str, Service]
+
+    @model_validator(mode="after")
+    def _callers_exist(self) -> Topology:
+        for name, service in self.services.items():
+            for caller in service.callers:
+                if caller != EDGE and caller not in self.services:
+                    raise ValueError(f"{name}: unknown caller {caller!r}")
+            mesh_callers = [c for c in service.callers if c != EDGE]
+            if mesh_callers and service.mesh_port is None:
+                raise ValueError(f"{name}: called by {mesh_callers} but has no mesh_port")
+        return self
+
+    def spiffe_id(self, identity: str) -> str:
+        return f"spiffe://{self.trust_domain}/{identity}"
+
+
+def load_topology(path: Path = DEFAULT_FILE) -> Topology:
+    return Topology.model_validate(yaml.safe_load(path.read_text()))

@@ -1,0 +1,39 @@
+"""Billing service entry point: the ledger, the usage consumer and the gRPC
+server run side by side; SIGTERM stops both."""
+
+import asyncio
+import contextlib
+
+import redis.asyncio as redis
+
+from mariana_common.logs import configure_logging
+from mariana_common.server import create_server, run, serve
+from services.billing.consumer import UsageConsumer
+from services.billing.events import UsageStreamSettings
+from services.billing.ledger import Ledger
+from services.billing.servicer import SERVICE_NAME, register
+from services.billing.settings import BillingSettings
+
+
+async def main() -> None:
+    settings = BillingSettings()  # type: ignore[call-arg]
+    stream = UsageStreamSettings()
+    configure_logging("billing", settings.log_level)
+    ledger = Ledger(settings.db_path)
+    client = redis.Redis.from_url(stream.redis_url)
+    consumer = UsageConsumer(client, ledger, stream.usage_stream, settings.consumer_group, settings.consumer_name)
+    stop = asyncio.Event()
+    consuming = asyncio.create_task(consumer.run(stop))
+    server = create_server(settings, register(ledger), [SERVICE_NAME])
+    try:
+        await serve(server, settings)
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(consuming, timeout=settings.shutdown_grace_s)
+        await client.aclose()
+        ledger.close()
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,34 @@
+"""The usage stream contract between the router (producer) and billing
+(consumer): where events go and how one is encoded in a stream entry."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mariana.billing.v1.billing_pb2 import UsageEvent
+
+EVENT_FIELD = b"event"
+
+
+class UsageStreamSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MARIANA_", extra="ignore", frozen=True)
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the usage stream.")
+    usage_stream: str = Field("mariana:usage", description="Redis Stream of usage events.")
+
+
+def encode(event: UsageEvent) -> dict[bytes, bytes]:
+    return {EVENT_FIELD: event.SerializeToString()}
+
+
+def decode(fields: dict[bytes, bytes]) -> UsageEvent:
+    """Raises ValueError when the entry is not a usage event."""
+    raw = fields.get(EVENT_FIELD)
+    if raw is None:
+        raise ValueError("stream entry has no 'event' field")
+    event = UsageEvent()
+    event.ParseFromString(raw)
+    if not event.request_id or not event.tenant_id:
+        raise ValueError("usage event lacks request_id or tenant_id")
+    return event

@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from mariana_common.settings import ServiceSettings
+
+
+class BillingSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="MARIANA_BILLING_", extra="ignore", frozen=True)
+
+    db_path: Path = Field(Path(".data/billing/ledger.db"), description="SQLite ledger file.")
+    consumer_group: str = Field("billing", description="Consumer group on the usage stream.")
+    consumer_name: str = Field(
+        default_factory=socket.gethostname,
+        description="This consumer's name in the group; stable names let a restart reclaim its pending entries.",
+    )

@@ -1,0 +1,91 @@
+"""The router's domain types and the interfaces of what it calls. Plain
+Python: no grpc, no protos."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Caller:
+    tenant_id: str
+    key_id: str
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    model: str
+    # (role, text) pairs for chat; None for a plain completion of `prompt`.
+    messages: Sequence[tuple[str, str]] | None = None
+    prompt: str = ""
+    sampling: Sampling = field(default_factory=Sampling)
+
+    def texts(self) -> list[str]:
+        if self.messages is None:
+            return [self.prompt]
+        return [text for _, text in self.messages]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Text generated since the previous piece; the last piece has the
+    finish reason and token counts."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ModerationVerdict:
+    flagged: bool
+    categories: dict[str, bool]
+    scores: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    id: str
+    created: int
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    request_id: str
+    tenant_id: str
+    key_id: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    completed_at: float
+
+
+class Inference(Protocol):
+    def generate(self, request: GenerationRequest, request_id: str) -> AsyncIterator[Piece]: ...
+
+    async def embed(self, model: str, texts: Sequence[str], request_id: str) -> tuple[list[list[float]], int]: ...
+
+    async def models(self) -> list[ModelEntry]: ...
+
+
+class Moderation(Protocol):
+    async def check(self, texts: Sequence[str], request_id: str) -> list[ModerationVerdict]: ...
+
+
+class UsageSink(Protocol):
+    def publish(self, record: UsageRecord) -> None:
+        """Must not block the request: delivery happens off the request path."""

@@ -1,0 +1,89 @@
+"""gRPC clients of inference and moderation, reached through Envoy's mesh
+listeners. They speak the domain types of `domain.py`; upstream statuses come
+back as domain errors so the router's interceptor passes the code on."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+
+from mariana.inference.v1 import inference_pb2 as inf
+from mariana.inference.v1 import inference_pb2_grpc as inf_grpc
+from mariana.moderation.v1 import moderation_pb2 as mod
+from mariana.moderation.v1 import moderation_pb2_grpc as mod_grpc
+from mariana_common.interceptors import error_from_status
+from services.router.domain import GenerationRequest, ModelEntry, ModerationVerdict, Piece
+
+
+def _metadata(request_id: str) -> tuple[tuple[str, str], ...]:
+    return (("x-request-id", request_id),)
+
+
+def generate_request(request: GenerationRequest, request_id: str) -> inf.GenerateRequest:
+    s = request.sampling
+    sampling = inf.SamplingParams(
+        max_tokens=s.max_tokens or 0, temperature=s.temperature, top_p=s.top_p, stop=list(s.stop)
+    )
+    if s.seed is not None:
+        sampling.seed = s.seed
+    message = inf.GenerateRequest(request_id=request_id, model=request.model, sampling=sampling)
+    if request.messages is not None:
+        message.messages.items.extend(inf.Message(role=r, content=t) for r, t in request.messages)
+    else:
+        message.prompt = request.prompt
+    return message
+
+
+class GrpcInference:
+    def __init__(self, channel: grpc.aio.Channel, timeout_s: float) -> None:
+        self._stub = inf_grpc.InferenceServiceStub(channel)
+        self._timeout_s = timeout_s
+
+    async def generate(self, request: GenerationRequest, request_id: str) -> AsyncIterator[Piece]:
+        call = self._stub.Generate(
+            generate_request(request, request_id), timeout=self._timeout_s, metadata=_metadata(request_id)
+        )
+        try:
+            async for reply in call:
+                if reply.finish_reason:
+                    yield Piece(reply.text, reply.finish_reason, reply.usage.prompt_tokens,
+                                reply.usage.completion_tokens)
+                else:
+                    yield Piece(reply.text)
+        except grpc.aio.AioRpcError as error:
+            raise error_from_status(error.code(), error.details() or "") from error
+        finally:
+            call.cancel()  # a no-op when done; frees inference when our caller went away
+
+    async def embed(self, model: str, texts: Sequence[str], request_id: str) -> tuple[list[list[float]], int]:
+        try:
+            reply = await self._stub.Embed(
+                inf.EmbedRequest(model=model, texts=list(texts)), timeout=self._timeout_s,
+                metadata=_metadata(request_id),
+            )
+        except grpc.aio.AioRpcError as error:
+            raise error_from_status(error.code(), error.details() or "") from error
+        return [list(v.values) for v in reply.vectors], reply.prompt_tokens
+
+    async def models(self) -> list[ModelEntry]:
+        try:
+            reply = await self._stub.ListModels(inf.ListModelsRequest(), timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as error:
+            raise error_from_status(error.code(), error.details() or "") from error
+        return [ModelEntry(m.id, m.created) for m in reply.models]
+
+
+class GrpcModeration:
+    def __init__(self, channel: grpc.aio.Channel, timeout_s: float) -> None:
+        self._stub = mod_grpc.ModerationServiceStub(channel)
+        self._timeout_s = timeout_s
+
+    async def check(self, texts: Sequence[str], request_id: str) -> list[ModerationVerdict]:
+        try:
+            reply = await self._stub.Check(
+                mod.CheckRequest(texts=list(texts)), timeout=self._timeout_s, metadata=_metadata(request_id)
+            )
+        except grpc.aio.AioRpcError as error:
+            raise error_from_status(error.code(), error.details() or "") from error
+        return [ModerationVerdict(r.flagged, dict(r.categories), dict(r.category_scores)) for r in reply.results]

@@ -1,0 +1,68 @@
+"""Publishes usage records to the Redis Stream billing consumes, off the
+request path: `publish` queues, a background task sends in batches."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import redis.asyncio as redis
+import structlog
+
+from mariana.billing.v1.billing_pb2 import UsageEvent
+from services.billing.events import encode
+from services.router.domain import UsageRecord
+
+log = structlog.get_logger()
+
+
+def to_event(r: UsageRecord) -> UsageEvent:
+    return UsageEvent(
+        request_id=r.request_id, tenant_id=r.tenant_id, key_id=r.key_id, model=r.model,
+        prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+        finish_reason=r.finish_reason, completed_at=r.completed_at,
+    )
+
+
+class RedisUsagePublisher:
+    def __init__(self, client: redis.Redis, stream: str) -> None:
+        self._redis = client
+        self._stream = stream
+        self._queue: asyncio.Queue[UsageRecord] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._send_forever())
+
+    def publish(self, record: UsageRecord) -> None:
+        self._queue.put_nowait(record)
+
+    async def _send_batch(self, batch: list[UsageRecord]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for record in batch:
+                pipe.xadd(self._stream, encode(to_event(record)))  # type: ignore[arg-type]
+            await pipe.execute()
+
+    async def _send_forever(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty() and len(batch) < 500:
+                batch.append(self._queue.get_nowait())
+            while True:
+                try:
+                    await self._send_batch(batch)
+                    break
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    # Kept in memory and retried; a durable spool is future work.
+                    log.warning("usage publish failed; retrying", error=str(exc), pending=len(batch))
+                    await asyncio.sleep(1)
+
+    async def close(self, timeout_s: float) -> None:
+        """Sends what is queued (within `timeout_s`), then stops."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not self._queue.empty() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
