@@ -26,19 +26,26 @@ def main() -> int:
         stack.stop()
         return 1
     edge = f"127.0.0.1:{plan.edge_port}"
-    print(f"""[mariana] ready.
-  edge (REST + gRPC): http://{edge}/v1      logs: {stack.logs}/
-  Envoy admin:        http://127.0.0.1:{plan.admin_port}/
-  get a key:          MARIANA_MASTER_KEY=<admin key> .venv/bin/python -m services.auth.cli --edge {edge} create-key --tenant demo""",
-          flush=True)
+    cli = f".venv/bin/python -m services.auth.cli --edge {edge} create-key --tenant demo"
+    print(
+        f"[mariana] ready.\n"
+        f"  edge (REST + gRPC): http://{edge}/v1   (OpenAI base_url; gRPC stubs use {edge})\n"
+        f"  Envoy admin:        http://127.0.0.1:{plan.admin_port}/\n"
+        f"  logs:               {stack.logs}/\n"
+        f"  get an API key:     MARIANA_MASTER_KEY=<admin key> {cli}",
+        flush=True,
+    )
     if settings.master_key is None:
         print("  (no MARIANA_MASTER_KEY was set, so no admin key exists: restart with one to issue keys)", flush=True)
     print("[mariana] Ctrl-C stops everything.", flush=True)
     while not stop.wait(0.5):
         dead = stack.check_alive()
         if dead is not None:
-            print(f"[mariana] {dead.name} exited with {dead.exited()}; stopping.\n{dead.log_tail()}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[mariana] {dead.name} exited with {dead.exited()}; stopping.\n{dead.log_tail()}",
+                file=sys.stderr,
+                flush=True,
+            )
             stack.stop()
             return 1
     print("[mariana] stopping ...", flush=True)

@@ -41,8 +41,7 @@ class Stack:
         if not (self.settings.resolved_model_dir() / "config.json").exists():
             raise StartError(f"no model at {self.settings.resolved_model_dir()}: run `make model`")
         topology = load_topology()
-        plan = make_plan(topology, DESCRIPTOR_SET, any_ports=self.settings.any_ports,
-                         edge_port=self.settings.edge_port)
+        plan = make_plan(topology, DESCRIPTOR_SET, any_ports=self.settings.any_ports, edge_port=self.settings.edge_port)
         pki = self.data_dir / "pki"
         shutil.rmtree(pki, ignore_errors=True)
         certs = mint_mesh(pki, topology.trust_domain, [*plan.identities(), OPERATOR])
@@ -70,15 +69,16 @@ class Stack:
             prefix + "LOG_LEVEL": self.settings.log_level,
         }
         data = self.data_dir
-        extra = {
+        extra: dict[str, dict[str, object]] = {
             "auth": {"DB_PATH": data / "auth" / "keys.db", "PEPPER_FILE": data / "auth" / "pepper"},
             "billing": {"DB_PATH": data / "billing" / "ledger.db", "CONSUMER_NAME": f"billing-{port}"},
-            "inference": {"MODEL_DIR": self.settings.resolved_model_dir(),
-                          "BACKEND": self.settings.inference_backend},
-            "router": {"INFERENCE_TARGET": self.plan.mesh_target("inference"),
-                       "MODERATION_TARGET": self.plan.mesh_target("moderation")},
-        }.get(name, {})
-        env |= {prefix + k: str(v) for k, v in extra.items()}
+            "inference": {"MODEL_DIR": self.settings.resolved_model_dir(), "BACKEND": self.settings.inference_backend},
+            "router": {
+                "INFERENCE_TARGET": self.plan.mesh_target("inference"),
+                "MODERATION_TARGET": self.plan.mesh_target("moderation"),
+            },
+        }
+        env |= {prefix + k: str(v) for k, v in extra.get(name, {}).items()}
         return env
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> ManagedProcess:
@@ -97,10 +97,23 @@ class Stack:
         if redis_server is None:
             raise StartError("redis-server is not installed: run `make setup`")
         (self.data_dir / "redis").mkdir(parents=True, exist_ok=True)
-        redis = self._spawn("redis", [
-            redis_server, "--bind", "127.0.0.1", "--port", str(plan.redis_port),
-            "--dir", str(self.data_dir / "redis"), "--appendonly", "yes", "--save", "",
-        ], self._base_env())
+        redis = self._spawn(
+            "redis",
+            [
+                redis_server,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(plan.redis_port),
+                "--dir",
+                str(self.data_dir / "redis"),
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+            ],
+            self._base_env(),
+        )
         wait_until(port_open(plan.redis_port), "redis", deadline, redis)
 
         operator = plan.certs[OPERATOR]
@@ -109,18 +122,28 @@ class Stack:
         for name in SERVICE_ORDER:
             for replica, port in enumerate(plan.service_ports[name]):
                 label = name if len(plan.service_ports[name]) == 1 else f"{name}-{replica}"
-                process = self._spawn(label, [sys.executable, "-m", f"services.{name}"],
-                                      self._service_env(name, port))
+                process = self._spawn(label, [sys.executable, "-m", f"services.{name}"], self._service_env(name, port))
                 started.append((process, port))
         for process, port in started:
             wait_until(grpc_serving(port, credentials), process.name, deadline, process)
 
         envoy_config = write_bootstrap(plan, self.data_dir / "envoy" / "envoy.json")
-        envoy = self._spawn("envoy", [self.envoy_binary(), "-c", str(envoy_config), "--concurrency", "1",
-                                      "--log-level", "warn", "--base-id", str(plan.admin_port)],
-                            self._base_env())
-        wait_until(envoy_clusters_healthy(plan.admin_port, list(plan.topology.services)), "envoy",
-                   deadline, envoy)
+        envoy = self._spawn(
+            "envoy",
+            [
+                self.envoy_binary(),
+                "-c",
+                str(envoy_config),
+                "--concurrency",
+                "1",
+                "--log-level",
+                "warn",
+                "--base-id",
+                str(plan.admin_port),
+            ],
+            self._base_env(),
+        )
+        wait_until(envoy_clusters_healthy(plan.admin_port, list(plan.topology.services)), "envoy", deadline, envoy)
         return plan
 
     @staticmethod

@@ -7,7 +7,7 @@ import asyncio
 import inspect
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 import structlog
@@ -30,12 +30,15 @@ STATUS_BY_ERROR: dict[type[errors.MarianaError], grpc.StatusCode] = {
 
 TRACE_HEADERS = ("x-request-id", "traceparent")
 
+# The servicer context as servicers annotate it (grpc-stubs makes it generic).
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
 
 def status_for(error: errors.MarianaError) -> grpc.StatusCode:
     return STATUS_BY_ERROR[type(error)]
 
 
-def trace_id_from(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
+def trace_id_from(metadata: Any) -> str:
     values = dict(metadata or ())
     for name in TRACE_HEADERS:
         value = values.get(name)
@@ -44,7 +47,7 @@ def trace_id_from(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
     return uuid.uuid4().hex
 
 
-async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+async def _abort_for(exc: BaseException, context: Context) -> None:
     if isinstance(exc, errors.MarianaError):
         code = status_for(exc)
         if isinstance(exc, errors.ResourceExhausted) and exc.retry_after_s is not None:
@@ -56,15 +59,13 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext) -> N
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error (trace id {trace_id})")
 
 
-Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-Streaming = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+Unary = Callable[[Any, Context], Awaitable[Any]]
+Streaming = Callable[[Any, Context], AsyncIterator[Any]]
 
 
 def _wrap_unary(behaviour: Unary, method: str) -> Unary:
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        structlog.contextvars.bind_contextvars(
-            trace_id=trace_id_from(context.invocation_metadata()), rpc=method
-        )
+    async def wrapped(request: Any, context: Context) -> Any:
+        structlog.contextvars.bind_contextvars(trace_id=trace_id_from(context.invocation_metadata()), rpc=method)
         try:
             return await behaviour(request, context)
         except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -76,10 +77,8 @@ def _wrap_unary(behaviour: Unary, method: str) -> Unary:
 
 
 def _wrap_streaming(behaviour: Streaming, method: str) -> Streaming:
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        structlog.contextvars.bind_contextvars(
-            trace_id=trace_id_from(context.invocation_metadata()), rpc=method
-        )
+    async def wrapped(request: Any, context: Context) -> AsyncIterator[Any]:
+        structlog.contextvars.bind_contextvars(trace_id=trace_id_from(context.invocation_metadata()), rpc=method)
         try:
             async for item in behaviour(request, context):
                 yield item
@@ -91,15 +90,15 @@ def _wrap_streaming(behaviour: Streaming, method: str) -> Streaming:
     return wrapped
 
 
-class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):
+class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Maps domain errors to status codes; anything else becomes INTERNAL with
     the trace id, logged with its traceback. Nothing reaches a client as UNKNOWN."""
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler

@@ -13,11 +13,14 @@ import grpc
 import structlog
 import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from mariana_common.interceptors import ErrorStatusInterceptor
+from mariana_common.interceptors import Context, ErrorStatusInterceptor
 from mariana_common.settings import ServiceSettings
 from mariana_common.tls import server_credentials
+
+__all__ = ["Context", "Registrar", "Server", "create_server", "run", "serve"]
 
 log = structlog.get_logger()
 
@@ -27,8 +30,9 @@ Registrar = Callable[[grpc.aio.Server], None]
 class Server:
     """A started-or-not grpc.aio server and the port it is bound to."""
 
-    def __init__(self, server: grpc.aio.Server, port: int, health: health.aio.HealthServicer,
-                 service_names: Iterable[str]) -> None:
+    def __init__(
+        self, server: grpc.aio.Server, port: int, health: HealthServicer, service_names: Iterable[str]
+    ) -> None:
         self.grpc = server
         self.port = port
         self.health = health
@@ -39,11 +43,7 @@ class Server:
         await self.set_serving(True)
 
     async def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self.service_names):
             await self.health.set(name, status)
 
@@ -68,7 +68,7 @@ def create_server(
         options=[("grpc.so_reuseport", 0)],
     )
     register(server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = tuple(service_names)
     reflection.enable_server_reflection((*names, reflection.SERVICE_NAME, health.SERVICE_NAME), server)

@@ -22,6 +22,4 @@ class ServiceSettings(BaseSettings):
     tls_ca: Path = Field(..., description="PEM CA that signs every certificate in the mesh.")
     log_level: str = Field("info", description="debug, info, warning or error.")
     shutdown_grace_s: float = Field(5.0, ge=0, description="Time in-flight calls get on SIGTERM.")
-    port_file: Path | None = Field(
-        None, description="When set, the bound port is written here once serving."
-    )
+    port_file: Path | None = Field(None, description="When set, the bound port is written here once serving.")

@@ -42,7 +42,14 @@ from envoy_data_plane.envoy.config.core.v3 import (
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
-from envoy_data_plane.envoy.config.rbac.v3 import Permission, Policy, Principal, PrincipalAuthenticated, Rbac, RbacAction
+from envoy_data_plane.envoy.config.rbac.v3 import (
+    Permission,
+    Policy,
+    Principal,
+    PrincipalAuthenticated,
+    Rbac,
+    RbacAction,
+)
 from envoy_data_plane.envoy.config.route.v3 import (
     DirectResponseAction,
     RetryPolicy,
@@ -152,9 +159,7 @@ def _tls_context(plan: Plan, peer_ids: list[str]) -> CommonTlsContext:
         # gRPC servers refuse TLS without ALPN h2.
         alpn_protocols=["h2"],
         tls_certificates=[TlsCertificate(certificate_chain=_file(certs.cert), private_key=_file(certs.key))],
-        validation_context=CertificateValidationContext(
-            trusted_ca=_file(certs.ca), match_typed_subject_alt_names=sans
-        ),
+        validation_context=CertificateValidationContext(trusted_ca=_file(certs.ca), match_typed_subject_alt_names=sans),
     )
 
 
@@ -202,9 +207,7 @@ def cluster(plan: Plan, name: str, service: Service) -> Cluster:
         load_assignment=ClusterLoadAssignment(
             cluster_name=name, endpoints=[LocalityLbEndpoints(lb_endpoints=endpoints)]
         ),
-        typed_extension_protocol_options={
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(protocol)
-        },
+        typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(protocol)},
         transport_socket=TransportSocket(name="envoy.transport_sockets.tls", typed_config=Any.pack(upstream_tls)),
         circuit_breakers=CircuitBreakers(
             thresholds=[
@@ -270,8 +273,9 @@ def edge_listener(plan: Plan) -> Listener:
             direct_response=DirectResponseAction(
                 status=404,
                 body=DataSource(
-                    inline_string=json.dumps({"error": {"message": "no such endpoint", "type": "invalid_request_error",
-                                                        "code": "not_found"}})
+                    inline_string=json.dumps(
+                        {"error": {"message": "no such endpoint", "type": "invalid_request_error", "code": "not_found"}}
+                    )
                 ),
             ),
         ),
@@ -297,7 +301,9 @@ def edge_listener(plan: Plan) -> Listener:
         http_filters=[
             _http_filter("envoy.filters.http.header_mutation", strip_identity),
             _http_filter("envoy.filters.http.ext_authz", ext_authz),
-            _http_filter("envoy.filters.http.lua", Lua(default_source_code=DataSource(inline_string=STREAM_SWITCH_LUA))),
+            _http_filter(
+                "envoy.filters.http.lua", Lua(default_source_code=DataSource(inline_string=STREAM_SWITCH_LUA))
+            ),
             _http_filter(TRANSCODER, _transcoder(plan, sse=False)),
             _http_filter("envoy.filters.http.router", Router()),
         ],

@@ -27,21 +27,26 @@ class CertFiles:
 
 def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
     path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                          serialization.NoEncryption())
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     path.chmod(0o600)
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Mariana dev mesh"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Mariana dev mesh"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
-def mint_ca(directory: Path, common_name: str = "Mariana dev CA") -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def mint_ca(
+    directory: Path, common_name: str = "Mariana dev CA"
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
@@ -51,10 +56,20 @@ def mint_ca(directory: Path, common_name: str = "Mariana dev CA") -> tuple[ec.El
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + VALIDITY)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .sign(key, hashes.SHA256())
     )
     (directory / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -62,10 +77,11 @@ def mint_ca(directory: Path, common_name: str = "Mariana dev CA") -> tuple[ec.El
     return key, cert
 
 
-def mint_workload(directory: Path, identity: str, spiffe_id: str,
-                  ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate) -> CertFiles:
+def mint_workload(
+    directory: Path, identity: str, spiffe_id: str, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate
+) -> CertFiles:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     sans: list[x509.GeneralName] = [
         x509.UniformResourceIdentifier(spiffe_id),
         x509.DNSName("localhost"),
@@ -81,8 +97,9 @@ def mint_workload(directory: Path, identity: str, spiffe_id: str,
         .not_valid_after(now + VALIDITY)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                       critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
         .sign(ca_key, hashes.SHA256())
     )
     files = CertFiles(directory / f"{identity}.pem", directory / f"{identity}.key", directory / "ca.pem")
@@ -95,6 +112,5 @@ def mint_mesh(directory: Path, trust_domain: str, identities: list[str]) -> dict
     """A fresh CA and a certificate for each identity."""
     ca_key, ca_cert = mint_ca(directory)
     return {
-        name: mint_workload(directory, name, f"spiffe://{trust_domain}/{name}", ca_key, ca_cert)
-        for name in identities
+        name: mint_workload(directory, name, f"spiffe://{trust_domain}/{name}", ca_key, ca_cert) for name in identities
     }

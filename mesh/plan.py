@@ -45,8 +45,9 @@ def _replica_ports(port: int, replicas: int, any_ports: bool) -> list[int]:
     return [port + i for i in range(replicas)]
 
 
-def make_plan(topology: Topology, descriptor_set: Path, *, any_ports: bool = False,
-              edge_port: int | None = None) -> Plan:
+def make_plan(
+    topology: Topology, descriptor_set: Path, *, any_ports: bool = False, edge_port: int | None = None
+) -> Plan:
     """`any_ports` ignores the topology's ports and picks free ones (tests)."""
 
     def pick(port: int) -> int:
@@ -57,11 +58,7 @@ def make_plan(topology: Topology, descriptor_set: Path, *, any_ports: bool = Fal
         edge_port=edge_port if edge_port is not None else pick(topology.edge.port),
         admin_port=pick(topology.edge.admin_port),
         redis_port=pick(topology.redis.port),
-        service_ports={
-            name: _replica_ports(s.port, s.replicas, any_ports) for name, s in topology.services.items()
-        },
-        mesh_ports={
-            name: pick(s.mesh_port) for name, s in topology.services.items() if s.mesh_port is not None
-        },
+        service_ports={name: _replica_ports(s.port, s.replicas, any_ports) for name, s in topology.services.items()},
+        mesh_ports={name: pick(s.mesh_port) for name, s in topology.services.items() if s.mesh_port is not None},
         descriptor_set=descriptor_set,
     )

@@ -8,7 +8,7 @@ import grpc
 
 from mariana.auth.v1 import auth_pb2 as pb
 from mariana.auth.v1 import auth_pb2_grpc as pb_grpc
-from mariana_common.server import Registrar
+from mariana_common.server import Context, Registrar
 from services.auth.keys import KeyStore
 
 SERVICE_NAME = "mariana.auth.v1.AuthAdminService"
@@ -18,13 +18,11 @@ class AuthAdminServicer(pb_grpc.AuthAdminServiceServicer):
     def __init__(self, store: KeyStore) -> None:
         self._store = store
 
-    async def CreateTenant(
-        self, request: pb.CreateTenantRequest, context: grpc.aio.ServicerContext
-    ) -> pb.CreateTenantResponse:
+    async def CreateTenant(self, request: pb.CreateTenantRequest, context: Context) -> pb.CreateTenantResponse:
         tenant = await asyncio.to_thread(self._store.create_tenant, request.name)
         return pb.CreateTenantResponse(tenant=pb.Tenant(id=tenant.id, name=tenant.name))
 
-    async def CreateKey(self, request: pb.CreateKeyRequest, context: grpc.aio.ServicerContext) -> pb.CreateKeyResponse:
+    async def CreateKey(self, request: pb.CreateKeyRequest, context: Context) -> pb.CreateKeyResponse:
         tenant = await asyncio.to_thread(self._store.find_tenant, request.tenant)
         if tenant is None:
             tenant = await asyncio.to_thread(self._store.create_tenant, request.tenant)

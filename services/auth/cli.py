@@ -1,7 +1,7 @@
 """Administer keys from a shell, through the edge, with an admin key.
 
-    python -m services.auth.cli create-key --tenant acme
-    (reads the admin key from MARIANA_MASTER_KEY, the edge from MARIANA_EDGE)
+python -m services.auth.cli create-key --tenant acme
+(reads the admin key from MARIANA_MASTER_KEY, the edge from MARIANA_EDGE)
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from mariana.auth.v1 import auth_pb2, auth_pb2_grpc
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.auth.cli", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m services.auth.cli", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--edge", default=os.environ.get("MARIANA_EDGE", "127.0.0.1:8080"))
     parser.add_argument("--admin-key", default=os.environ.get("MARIANA_MASTER_KEY"))
     commands = parser.add_subparsers(dest="command", required=True)
@@ -32,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         stub = auth_pb2_grpc.AuthAdminServiceStub(channel)
         metadata = (("authorization", f"Bearer {args.admin_key}"),)
         try:
-            reply = stub.CreateKey(auth_pb2.CreateKeyRequest(tenant=args.tenant, name=args.name),
-                                   metadata=metadata, timeout=10)
+            reply = stub.CreateKey(
+                auth_pb2.CreateKeyRequest(tenant=args.tenant, name=args.name), metadata=metadata, timeout=10
+            )
         except grpc.RpcError as error:
             print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
             return 1

@@ -26,7 +26,7 @@ from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 from envoy_data_plane.google.rpc import Status
 
 from mariana_common.errors import MarianaError, PermissionDenied, Unauthenticated
-from mariana_common.server import Registrar
+from mariana_common.server import Context, Registrar
 from services.auth.authorizer import Authorizer, Identity
 
 log = structlog.get_logger()
@@ -56,9 +56,19 @@ def allow(identity: Identity) -> bytes:
 
 def deny(error: MarianaError) -> bytes:
     if isinstance(error, PermissionDenied):
-        http, grpc_code, kind, code = StatusCode.Forbidden, GRPC_PERMISSION_DENIED, "permission_error", "permission_denied"
+        http, grpc_code, kind, code = (
+            StatusCode.Forbidden,
+            GRPC_PERMISSION_DENIED,
+            "permission_error",
+            "permission_denied",
+        )
     else:
-        http, grpc_code, kind, code = StatusCode.Unauthorized, GRPC_UNAUTHENTICATED, "invalid_request_error", "invalid_api_key"
+        http, grpc_code, kind, code = (
+            StatusCode.Unauthorized,
+            GRPC_UNAUTHENTICATED,
+            "invalid_request_error",
+            "invalid_api_key",
+        )
     body = json.dumps({"error": {"message": str(error), "type": kind, "param": None, "code": code}})
     denied = DeniedHttpResponse(
         status=HttpStatus(code=http),
@@ -72,7 +82,7 @@ class ExtAuthz:
     def __init__(self, authorizer: Authorizer) -> None:
         self._authorizer = authorizer
 
-    async def check(self, request: CheckRequest, context: grpc.aio.ServicerContext) -> bytes:
+    async def check(self, request: CheckRequest, context: Context) -> bytes:
         http = request.attributes.request.http if request.attributes and request.attributes.request else None
         if http is None:
             return deny(Unauthenticated("no HTTP attributes in the check request"))

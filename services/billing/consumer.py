@@ -6,6 +6,7 @@ An entry that cannot be decoded goes to a dead-letter stream with the reason."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from typing import Any
 
 import redis.asyncio as redis
@@ -21,13 +22,29 @@ DEAD_LETTER_SUFFIX = ":dead"
 
 def to_entry(fields: dict[bytes, bytes]) -> Entry:
     e = decode(fields)
-    return Entry(e.request_id, e.tenant_id, e.key_id, e.model, e.prompt_tokens,
-                 e.completion_tokens, e.finish_reason, e.completed_at)
+    return Entry(
+        e.request_id,
+        e.tenant_id,
+        e.key_id,
+        e.model,
+        e.prompt_tokens,
+        e.completion_tokens,
+        e.finish_reason,
+        e.completed_at,
+    )
 
 
 class UsageConsumer:
-    def __init__(self, client: redis.Redis, ledger: Ledger, stream: str, group: str, name: str,
-                 batch: int = 200, block_ms: int = 1000) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        ledger: Ledger,
+        stream: str,
+        group: str,
+        name: str,
+        batch: int = 200,
+        block_ms: int = 1000,
+    ) -> None:
         self._redis = client
         self._ledger = ledger
         self._stream = stream
@@ -43,22 +60,34 @@ class UsageConsumer:
             if "BUSYGROUP" not in str(exc):
                 raise
 
+    async def _dead_letter(self, message_id: bytes, fields: dict[bytes, bytes], reason: str) -> None:
+        await self._redis.xadd(
+            self._stream + DEAD_LETTER_SUFFIX,
+            {**fields, b"reason": reason.encode(), b"source_id": message_id},  # type: ignore[dict-item]
+        )
+        log.warning("usage event dead-lettered", message_id=message_id.decode(), reason=reason)
+
+    async def _record(self, batch: list[tuple[bytes, dict[bytes, bytes], Entry]]) -> int:
+        try:
+            return await asyncio.to_thread(self._ledger.record, [entry for _, _, entry in batch])
+        except sqlite3.IntegrityError:
+            if len(batch) == 1:
+                message_id, fields, _ = batch[0]
+                await self._dead_letter(message_id, fields, "rejected by the ledger's constraints")
+                return 0
+        # One bad entry must not block the rest: apply them one by one.
+        return sum([await self._record([item]) for item in batch])
+
     async def apply(self, messages: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
-        entries, ids, dead = [], [], []
+        """Records a batch, then acknowledges it; returns how many entries were new."""
+        decoded = []
         for message_id, fields in messages:
-            ids.append(message_id)
             try:
-                entries.append(to_entry(fields))
+                decoded.append((message_id, fields, to_entry(fields)))
             except ValueError as exc:
-                dead.append((message_id, fields, str(exc)))
-        for message_id, fields, reason in dead:
-            await self._redis.xadd(
-                self._stream + DEAD_LETTER_SUFFIX,
-                {**fields, b"reason": reason.encode(), b"source_id": message_id},
-            )
-            log.warning("usage event dead-lettered", message_id=message_id.decode(), reason=reason)
-        applied = await asyncio.to_thread(self._ledger.record, entries) if entries else 0
-        await self._redis.xack(self._stream, self._group, *ids)
+                await self._dead_letter(message_id, fields, str(exc))
+        applied = await self._record(decoded) if decoded else 0
+        await self._redis.xack(self._stream, self._group, *[message_id for message_id, _ in messages])
         return applied
 
     async def _read(self, start_id: str) -> list[tuple[bytes, dict[bytes, bytes]]]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from google.protobuf.message import DecodeError
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -28,7 +29,10 @@ def decode(fields: dict[bytes, bytes]) -> UsageEvent:
     if raw is None:
         raise ValueError("stream entry has no 'event' field")
     event = UsageEvent()
-    event.ParseFromString(raw)
+    try:
+        event.ParseFromString(raw)
+    except DecodeError as error:
+        raise ValueError(f"undecodable usage event: {error}") from error
     if not event.request_id or not event.tenant_id:
         raise ValueError("usage event lacks request_id or tenant_id")
     return event

@@ -51,10 +51,20 @@ class Ledger:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(
-                    "INSERT OR IGNORE INTO usage_entries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    # Only a duplicate request id is ignored; OR IGNORE would also
+                    # drop rows that break a CHECK, silently.
+                    "INSERT INTO usage_entries VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
                     [
-                        (e.request_id, e.tenant_id, e.key_id, e.model, e.prompt_tokens,
-                         e.completion_tokens, e.finish_reason, e.completed_at)
+                        (
+                            e.request_id,
+                            e.tenant_id,
+                            e.key_id,
+                            e.model,
+                            e.prompt_tokens,
+                            e.completion_tokens,
+                            e.finish_reason,
+                            e.completed_at,
+                        )
                         for e in entries
                     ],
                 )

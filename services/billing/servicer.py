@@ -9,7 +9,7 @@ import grpc
 from mariana.billing.v1 import billing_pb2 as pb
 from mariana.billing.v1 import billing_pb2_grpc as pb_grpc
 from mariana_common.errors import InvalidArgument
-from mariana_common.server import Registrar
+from mariana_common.server import Context, Registrar
 from services.billing.ledger import Entry, Ledger
 
 SERVICE_NAME = "mariana.billing.v1.BillingService"
@@ -17,9 +17,14 @@ SERVICE_NAME = "mariana.billing.v1.BillingService"
 
 def entry_to_proto(e: Entry) -> pb.LedgerEntry:
     return pb.LedgerEntry(
-        request_id=e.request_id, tenant_id=e.tenant_id, key_id=e.key_id, model=e.model,
-        prompt_tokens=e.prompt_tokens, completion_tokens=e.completion_tokens,
-        finish_reason=e.finish_reason, completed_at=e.completed_at,
+        request_id=e.request_id,
+        tenant_id=e.tenant_id,
+        key_id=e.key_id,
+        model=e.model,
+        prompt_tokens=e.prompt_tokens,
+        completion_tokens=e.completion_tokens,
+        finish_reason=e.finish_reason,
+        completed_at=e.completed_at,
     )
 
 
@@ -27,7 +32,7 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
 
-    async def GetUsage(self, request: pb.GetUsageRequest, context: grpc.aio.ServicerContext) -> pb.GetUsageResponse:
+    async def GetUsage(self, request: pb.GetUsageRequest, context: Context) -> pb.GetUsageResponse:
         if not request.tenant_id:
             raise InvalidArgument("tenant_id is required")
         entries = await asyncio.to_thread(self._ledger.entries, request.tenant_id, request.request_id)

@@ -90,6 +90,9 @@ class Engine:
         if s.max_tokens is not None and s.max_tokens < 1:
             raise InvalidArgument("max_tokens must be at least 1")
 
+    def _decode(self, ids: list[int]) -> str:
+        return str(self._loaded.tokenizer.decode(ids, skip_special_tokens=True))
+
     def _forward(self, ids: torch.Tensor, past: Any) -> tuple[torch.Tensor, Any]:
         with torch.inference_mode():
             out = self._loaded.model(input_ids=ids, past_key_values=past, use_cache=True)
@@ -101,13 +104,10 @@ class Engine:
         prompt_ids = await loop.run_in_executor(self._worker, self._prompt_ids, request)
         context = self._loaded.context_length
         if len(prompt_ids) >= context:
-            raise InvalidArgument(
-                f"prompt is {len(prompt_ids)} tokens; this model's context is {context} tokens"
-            )
+            raise InvalidArgument(f"prompt is {len(prompt_ids)} tokens; this model's context is {context} tokens")
         s = request.sampling
         budget = min(s.max_tokens or self._default_max_tokens, context - len(prompt_ids))
         generator = torch.Generator().manual_seed(s.seed if s.seed is not None else random.getrandbits(63))
-        tokenizer = self._loaded.tokenizer
         eos = self._loaded.eos_token_ids
 
         step_input = torch.tensor([prompt_ids])
@@ -124,7 +124,7 @@ class Engine:
                 break
             generated.append(token)
             step_input = torch.tensor([[token]])
-            text = tokenizer.decode(generated, skip_special_tokens=True)
+            text = self._decode(generated)
             if text.endswith("\ufffd"):
                 continue  # a multi-byte character is not complete yet
             scan = scan_for_stops(text, s.stop)
@@ -136,7 +136,7 @@ class Engine:
                 break
         if not stopped_by_sequence:
             # Text held back as a possible stop prefix, or an unfinished character.
-            text = tokenizer.decode(generated, skip_special_tokens=True)
+            text = self._decode(generated)
             if len(text) > sent:
                 yield Delta(text[sent:])
         yield Delta("", finish, len(prompt_ids), len(generated))

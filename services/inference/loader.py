@@ -47,7 +47,8 @@ def load_model(model_dir: Path, backend: str) -> LoadedModel:
     started = time.monotonic()
     log.info("loading model", model_dir=str(model_dir), backend=backend, device=device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = model.to(device).eval()
     if backend == "deepspeed":
         import deepspeed  # heavy import; only when asked for
 

@@ -9,7 +9,7 @@ import grpc
 from mariana.common.v1.usage_pb2 import Usage
 from mariana.inference.v1 import inference_pb2 as pb
 from mariana.inference.v1 import inference_pb2_grpc as pb_grpc
-from mariana_common.server import Registrar
+from mariana_common.server import Context, Registrar
 from services.inference.engine import Engine, GenerationInput, Sampling
 
 SERVICE_NAME = "mariana.inference.v1.InferenceService"
@@ -34,9 +34,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    async def Generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.GenerateResponse]:
+    async def Generate(self, request: pb.GenerateRequest, context: Context) -> AsyncIterator[pb.GenerateResponse]:
         async for delta in self._engine.generate(generation_input(request)):
             if delta.finish_reason is None:
                 yield pb.GenerateResponse(text=delta.text)
@@ -48,17 +46,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 )
                 yield pb.GenerateResponse(text=delta.text, finish_reason=delta.finish_reason, usage=usage)
 
-    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+    async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
         vectors, tokens = await self._engine.embed(request.model, list(request.texts))
         return pb.EmbedResponse(vectors=[pb.Vector(values=v) for v in vectors], prompt_tokens=tokens)
 
-    async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListModelsResponse:
+    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         card = self._engine.card()
-        info = pb.ModelInfo(
-            id=card.id, backend=card.backend, device=card.device, context_length=card.context_length
-        )
+        info = pb.ModelInfo(id=card.id, backend=card.backend, device=card.device, context_length=card.context_length)
         return pb.ListModelsResponse(models=[info])
 
 

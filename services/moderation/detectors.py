@@ -61,9 +61,7 @@ class Blocklist:
     def __init__(self, terms: Iterable[str]) -> None:
         words = sorted({t.strip().lower() for t in terms if t.strip()}, key=len, reverse=True)
         self._pattern = (
-            re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
-            if words
-            else None
+            re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE) if words else None
         )
 
     def find(self, text: str) -> Iterable[Span]:

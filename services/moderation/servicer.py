@@ -6,7 +6,7 @@ import grpc
 
 from mariana.moderation.v1 import moderation_pb2 as pb
 from mariana.moderation.v1 import moderation_pb2_grpc as pb_grpc
-from mariana_common.server import Registrar
+from mariana_common.server import Context, Registrar
 from services.moderation.moderator import Moderator, Verdict
 
 SERVICE_NAME = "mariana.moderation.v1.ModerationService"
@@ -25,7 +25,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
     def __init__(self, moderator: Moderator) -> None:
         self._moderator = moderator
 
-    async def Check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext) -> pb.CheckResponse:
+    async def Check(self, request: pb.CheckRequest, context: Context) -> pb.CheckResponse:
         verdicts = self._moderator.check_all(request.texts)
         return pb.CheckResponse(results=[verdict_to_proto(v) for v in verdicts])
 

@@ -32,8 +32,8 @@ async def main() -> None:
         await serve(server, settings)
     finally:
         await usage.close(settings.shutdown_grace_s)
-        await inference_channel.close()
-        await moderation_channel.close()
+        await inference_channel.close(None)
+        await moderation_channel.close(None)
         await client.aclose()
 
 

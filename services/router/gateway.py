@@ -33,9 +33,7 @@ class Gateway:
     async def generate(self, caller: Caller, request: GenerationRequest) -> AsyncIterator[Piece]:
         verdicts = await self._moderation.check(request.texts(), caller.request_id)
         if any(v.flagged for v in verdicts):
-            raise InvalidArgument(
-                "the input was flagged by moderation: " + ", ".join(flagged_categories(verdicts))
-            )
+            raise InvalidArgument("the input was flagged by moderation: " + ", ".join(flagged_categories(verdicts)))
         async for piece in self._inference.generate(request, caller.request_id):
             if piece.finish_reason is not None:
                 self._usage.publish(

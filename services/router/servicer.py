@@ -14,7 +14,7 @@ from mariana.common.v1.usage_pb2 import Usage
 from mariana.llm.v1 import llm_pb2 as pb
 from mariana.llm.v1 import llm_pb2_grpc as pb_grpc
 from mariana_common.errors import InvalidArgument, Unauthenticated
-from mariana_common.server import Registrar
+from mariana_common.server import Context, Registrar
 from services.router.domain import Caller, GenerationRequest, Piece, Sampling
 from services.router.gateway import Gateway
 from services.router.openai_convert import embedding_value, message_text, string_list
@@ -23,7 +23,7 @@ SERVICE_NAME = "mariana.llm.v1.LlmService"
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-def caller_of(context: grpc.aio.ServicerContext) -> Caller:
+def caller_of(context: Context) -> Caller:
     """Identity headers are set by auth in Envoy's ext_authz; the edge strips
     any a client sent, and only Envoy can reach this port."""
     headers = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
@@ -91,7 +91,7 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
         self._gateway = gateway
 
     async def CreateChatCompletion(
-        self, request: pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CreateChatCompletionRequest, context: Context
     ) -> pb.ChatCompletion:
         caller = caller_of(context)
         if request.stream:
@@ -117,7 +117,7 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
         )
 
     async def StreamChatCompletion(
-        self, request: pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CreateChatCompletionRequest, context: Context
     ) -> AsyncIterator[pb.ChatCompletionChunk]:
         caller = caller_of(context)
         generation = chat_request(request)
@@ -126,8 +126,12 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
 
         def chunk(choices: list[pb.ChatChunkChoice], usage: Usage | None = None) -> pb.ChatCompletionChunk:
             return pb.ChatCompletionChunk(
-                id=f"chatcmpl-{caller.request_id}", object="chat.completion.chunk",
-                created=created, model=request.model, choices=choices, usage=usage,
+                id=f"chatcmpl-{caller.request_id}",
+                object="chat.completion.chunk",
+                created=created,
+                model=request.model,
+                choices=choices,
+                usage=usage,
             )
 
         pieces = self._gateway.generate(caller, generation)
@@ -146,9 +150,7 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
                 return
             piece = await anext(pieces)
 
-    async def CreateCompletion(
-        self, request: pb.CreateCompletionRequest, context: grpc.aio.ServicerContext
-    ) -> pb.Completion:
+    async def CreateCompletion(self, request: pb.CreateCompletionRequest, context: Context) -> pb.Completion:
         caller = caller_of(context)
         if request.stream:
             raise InvalidArgument("stream=true is not supported on /v1/completions yet; use chat completions")
@@ -172,15 +174,15 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
             parts.append(piece.text)
             last = piece
         return pb.Completion(
-            id=f"cmpl-{caller.request_id}", object="text_completion", created=int(time.time()),
+            id=f"cmpl-{caller.request_id}",
+            object="text_completion",
+            created=int(time.time()),
             model=request.model,
             choices=[pb.CompletionChoice(index=0, text="".join(parts), finish_reason=last.finish_reason or "stop")],
             usage=usage_of(last),
         )
 
-    async def CreateEmbedding(
-        self, request: pb.CreateEmbeddingRequest, context: grpc.aio.ServicerContext
-    ) -> pb.CreateEmbeddingResponse:
+    async def CreateEmbedding(self, request: pb.CreateEmbeddingRequest, context: Context) -> pb.CreateEmbeddingResponse:
         caller = caller_of(context)
         if not request.model:
             raise InvalidArgument("model is required")
@@ -200,7 +202,7 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
             usage=pb.EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
         )
 
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         caller_of(context)
         models = await self._gateway.models()
         return pb.ListModelsResponse(
@@ -209,7 +211,7 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
         )
 
     async def CreateModeration(
-        self, request: pb.CreateModerationRequest, context: grpc.aio.ServicerContext
+        self, request: pb.CreateModerationRequest, context: Context
     ) -> pb.CreateModerationResponse:
         caller = caller_of(context)
         texts = string_list(request.input, "input")

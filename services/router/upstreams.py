@@ -47,8 +47,9 @@ class GrpcInference:
         try:
             async for reply in call:
                 if reply.finish_reason:
-                    yield Piece(reply.text, reply.finish_reason, reply.usage.prompt_tokens,
-                                reply.usage.completion_tokens)
+                    yield Piece(
+                        reply.text, reply.finish_reason, reply.usage.prompt_tokens, reply.usage.completion_tokens
+                    )
                 else:
                     yield Piece(reply.text)
         except grpc.aio.AioRpcError as error:
@@ -59,7 +60,8 @@ class GrpcInference:
     async def embed(self, model: str, texts: Sequence[str], request_id: str) -> tuple[list[list[float]], int]:
         try:
             reply = await self._stub.Embed(
-                inf.EmbedRequest(model=model, texts=list(texts)), timeout=self._timeout_s,
+                inf.EmbedRequest(model=model, texts=list(texts)),
+                timeout=self._timeout_s,
                 metadata=_metadata(request_id),
             )
         except grpc.aio.AioRpcError as error:

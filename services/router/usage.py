@@ -18,9 +18,14 @@ log = structlog.get_logger()
 
 def to_event(r: UsageRecord) -> UsageEvent:
     return UsageEvent(
-        request_id=r.request_id, tenant_id=r.tenant_id, key_id=r.key_id, model=r.model,
-        prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
-        finish_reason=r.finish_reason, completed_at=r.completed_at,
+        request_id=r.request_id,
+        tenant_id=r.tenant_id,
+        key_id=r.key_id,
+        model=r.model,
+        prompt_tokens=r.prompt_tokens,
+        completion_tokens=r.completion_tokens,
+        finish_reason=r.finish_reason,
+        completed_at=r.completed_at,
     )
 
 
@@ -56,12 +61,15 @@ class RedisUsagePublisher:
                     # Kept in memory and retried; a durable spool is future work.
                     log.warning("usage publish failed; retrying", error=str(exc), pending=len(batch))
                     await asyncio.sleep(1)
+            for _ in batch:
+                self._queue.task_done()
 
     async def close(self, timeout_s: float) -> None:
         """Sends what is queued (within `timeout_s`), then stops."""
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while not self._queue.empty() and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
+        try:
+            await asyncio.wait_for(self._queue.join(), timeout_s)
+        except TimeoutError:
+            log.error("usage events not delivered at shutdown", pending=self._queue.qsize())
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -1,0 +1,55 @@
+# Mariana. `make run` starts the platform; `make test` runs the tests. Both set
+# up what is missing first: the venv and pinned packages, redis-server (apt),
+# generated protos, dev certificates (minted at start) and the default model.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MODEL_DIR := .data/models/smollm2-135m-instruct
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup venv system-packages protos model run test test-unit test-e2e lint clean
+
+setup: venv system-packages protos model
+
+venv: $(STAMP)
+
+# torch first and alone, pinned to the CPU build on this machine's disk;
+# DeepSpeed builds against the torch already installed (no build isolation).
+$(STAMP): requirements.txt
+	@echo "[setup] creating $(VENV) and installing pinned packages (first time: a few minutes) ..."
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --progress-bar on "torch==2.13.0"
+	$(PY) -m pip install --progress-bar on --no-build-isolation -r requirements.txt
+	$(PY) -c "import site, pathlib; pathlib.Path(site.getsitepackages()[0], 'mariana-dev.pth').write_text('$(CURDIR)\n$(CURDIR)/gen\n')"
+	touch $@
+
+system-packages:
+	@command -v redis-server >/dev/null || { \
+		echo "[setup] installing redis-server with apt ..."; \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
+
+protos: $(STAMP)
+	$(PY) tools/genproto.py
+	$(VENV)/bin/buf lint
+
+model: $(STAMP)
+	$(PY) -m services.inference.model_prep --out $(MODEL_DIR)
+
+run: setup
+	$(PY) -m launcher
+
+test: setup lint
+	$(PY) -m pytest
+
+test-unit: setup
+	$(PY) -m pytest -m "not e2e"
+
+lint: $(STAMP) protos
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy .
+
+clean:
+	rm -rf gen build .data/pki .data/envoy .data/logs

@@ -1,0 +1,64 @@
+"""Fixtures every test tier shares: a dev PKI minted into a temp folder and a
+real redis-server on a free port."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from mesh.pki import CertFiles, mint_mesh
+from mesh.plan import free_port
+
+IDENTITIES = ["envoy", "auth", "router", "inference", "billing", "moderation", "operator", "intruder"]
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, CertFiles]:
+    return mint_mesh(tmp_path_factory.mktemp("pki"), "mariana.local", IDENTITIES)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed; `make setup` installs it")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen(
+        [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir), "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                pytest.fail("redis-server did not start")
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.fixture
+def flush_redis(redis_url: str) -> str:
+    redis.Redis.from_url(redis_url).flushall()
+    return redis_url
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    path = Path(__file__).parent / ".data" / "models" / "smollm2-135m-instruct"
+    if not (path / "config.json").exists():
+        pytest.fail(f"no model at {path}; `make model` prepares it")
+    return path
