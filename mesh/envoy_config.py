@@ -353,7 +353,9 @@ def mesh_listener(plan: Plan, name: str, service: Service) -> Listener:
         ],
         access_log=_access_log(f"mesh_{name}"),
     )
-    tls = DownstreamTlsContext(common_tls_context=_tls_context(plan, caller_ids), require_client_certificate=True)
+    # The handshake only checks the CA; who may call is RBAC's decision, so a
+    # known workload that may not call gets PERMISSION_DENIED, not a TLS error.
+    tls = DownstreamTlsContext(common_tls_context=_tls_context(plan, []), require_client_certificate=True)
     return Listener(
         name=f"mesh_{name}",
         address=_address(plan.mesh_ports[name]),

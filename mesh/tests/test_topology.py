@@ -71,7 +71,7 @@ def test_rendered_policy_comes_from_the_topology(rendered: Path) -> None:
     assert inference["circuitBreakers"]["thresholds"][0]["maxRequests"] == breaker.max_requests
     assert inference["outlierDetection"]["consecutive5xx"] == 5
     assert "grpcHealthCheck" in inference["healthChecks"][0]
-    listeners = {l["name"]: l for l in config["staticResources"]["listeners"]}
+    listeners = {listener["name"]: listener for listener in config["staticResources"]["listeners"]}
     assert set(listeners) == {"edge", "mesh_inference", "mesh_moderation"}
     rbac = json.dumps(listeners["mesh_inference"])
     assert "spiffe://mariana.local/router" in rbac

@@ -1,0 +1,76 @@
+"""`make run`'s process: it prints how to reach the platform once ready, and
+SIGTERM (or Ctrl-C) leaves no process behind; neither does SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from launcher.settings import REPO
+from mesh.plan import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def start_launcher(tmp_path: Path, model_dir: Path) -> tuple[subprocess.Popen[str], list[psutil.Process]]:
+    env = {
+        **os.environ,
+        "MARIANA_DATA_DIR": str(tmp_path),
+        "MARIANA_EDGE_PORT": str(free_port()),
+        "MARIANA_ANY_PORTS": "true",
+        "MARIANA_MODEL_DIR": str(model_dir),
+        "MARIANA_MASTER_KEY": "sk-launcher-test-key",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "launcher"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if "Ctrl-C stops everything" in line:
+            break
+    assert process.poll() is None, "".join(output)
+    text = "".join(output)
+    assert "[mariana] ready." in text and "/v1" in text and "create-key" in text
+    children = psutil.Process(process.pid).children(recursive=True)
+    names = " ".join(" ".join(c.cmdline()) for c in children)
+    for part in ("redis-server", "services.auth", "services.router", "services.inference", "envoy"):
+        assert part in names
+    return process, children
+
+
+def assert_all_gone(children: list[psutil.Process], timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"still running: {[c.cmdline() for c in alive]}")
+
+
+def test_sigterm_stops_every_process(tmp_path: Path, model_dir: Path) -> None:
+    process, children = start_launcher(tmp_path, model_dir)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    assert_all_gone(children)
+
+
+def test_sigkill_of_the_launcher_leaves_no_orphans(tmp_path: Path, model_dir: Path) -> None:
+    process, children = start_launcher(tmp_path, model_dir)
+    process.kill()
+    process.wait(timeout=10)
+    assert_all_gone(children)

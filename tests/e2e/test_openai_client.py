@@ -1,0 +1,152 @@
+"""The official `openai` SDK against the edge, unmodified but for base_url."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import MODEL, Platform, TenantKey
+from tests.e2e.ledger import wait_for_ledger
+
+pytestmark = pytest.mark.e2e
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_models_list(client: openai.OpenAI) -> None:
+    assert MODEL in [m.id for m in client.models.list()]
+
+
+def test_chat_completion(client: openai.OpenAI, platform: Platform, tenant_key: TenantKey) -> None:
+    reply = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=16, temperature=0)  # type: ignore[arg-type]
+    choice = reply.choices[0]
+    assert "Paris" in (choice.message.content or "")
+    assert choice.message.role == "assistant"
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.object == "chat.completion" and isinstance(reply.created, int)
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens > 5 and reply.usage.completion_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    request_id = reply.id.removeprefix("chatcmpl-")
+    (entry,) = wait_for_ledger(platform, tenant_key.tenant_id, [request_id])
+    assert (entry.key_id, entry.model) == (tenant_key.key_id, MODEL)
+    assert (entry.prompt_tokens, entry.completion_tokens) == (reply.usage.prompt_tokens, reply.usage.completion_tokens)
+
+
+def test_streamed_chat_arrives_incrementally(client: openai.OpenAI, platform: Platform, tenant_key: TenantKey) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Write a long poem about the sea."}],
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    arrivals, texts, finish, usage, ids = [], [], None, None, set()
+    for chunk in stream:
+        arrivals.append(time.monotonic())
+        ids.add(chunk.id)
+        assert chunk.object == "chat.completion.chunk"
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            if delta.content:
+                texts.append(delta.content)
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert len(texts) >= 5, texts
+    assert "".join(texts).strip()
+    assert arrivals[-1] - arrivals[0] > 0  # not one buffered blob
+    assert finish in ("stop", "length")
+    assert usage is not None and 0 < usage.completion_tokens <= 24
+    if finish == "length":
+        assert usage.completion_tokens == 24
+    assert len(ids) == 1
+    (entry,) = wait_for_ledger(platform, tenant_key.tenant_id, [ids.pop().removeprefix("chatcmpl-")])
+    assert (entry.completion_tokens, entry.finish_reason) == (usage.completion_tokens, finish)
+
+
+def test_completion_and_stop(client: openai.OpenAI) -> None:
+    reply = client.completions.create(
+        model=MODEL, prompt="One, two, three, four,", max_tokens=12, temperature=0, stop=[","]
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    assert "," not in reply.choices[0].text
+    assert reply.usage is not None and reply.usage.prompt_tokens > 0
+
+
+def test_embeddings_float_and_base64(client: openai.OpenAI) -> None:
+    as_base64 = client.embeddings.create(model=MODEL, input=["hello world", "goodbye"])  # SDK default: base64
+    as_float = client.embeddings.create(model=MODEL, input="hello world", encoding_format="float")
+    assert len(as_base64.data) == 2 and as_base64.data[1].index == 1
+    assert len(as_base64.data[0].embedding) == len(as_float.data[0].embedding) > 100
+    assert as_base64.data[0].embedding == pytest.approx(as_float.data[0].embedding, abs=1e-6)
+    assert as_base64.usage.prompt_tokens > 0
+
+
+def test_moderations_endpoint(client: openai.OpenAI) -> None:
+    result = client.moderations.create(input=["hello there", "write to bob@example.com"])
+    assert [r.flagged for r in result.results] == [False, True]
+
+
+def test_bad_key_is_401(platform: Platform) -> None:
+    with pytest.raises(openai.AuthenticationError) as error:
+        platform.openai("mk_000000000000_not-a-real-key").models.list()
+    assert error.value.status_code == 401
+    assert "invalid API key" in str(error.value)
+
+
+def test_missing_key_is_401(platform: Platform) -> None:
+    reply = httpx.get(f"http://{platform.edge}/v1/models", timeout=10)
+    assert reply.status_code == 401
+    assert reply.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_flagged_prompt_is_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "my card is 4111 1111 1111 1111"}], max_tokens=5
+        )
+    assert "pii.credit_card" in str(error.value)
+
+
+def test_flagged_prompt_is_400_when_streaming(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "mail jane@example.org"}], max_tokens=5, stream=True
+        )
+
+
+def test_unknown_model_is_404(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-99", messages=QUESTION, max_tokens=5)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": MODEL, "messages": []},
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 7},
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 3},
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]},
+    ],
+)
+def test_bad_requests_are_400(platform: Platform, tenant_key: TenantKey, body: dict[str, object]) -> None:
+    reply = httpx.post(
+        f"http://{platform.edge}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {tenant_key.secret}"},
+        timeout=30,
+    )
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["message"]
+
+
+def test_unknown_path_is_404(platform: Platform, tenant_key: TenantKey) -> None:
+    reply = httpx.get(
+        f"http://{platform.edge}/v2/nothing", headers={"Authorization": f"Bearer {tenant_key.secret}"}, timeout=10
+    )
+    assert reply.status_code == 404

@@ -1,0 +1,194 @@
+"""Real servers on ephemeral ports with the platform's mTLS, called with real
+gRPC clients: what each service refuses, and how statuses reach clients."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import redis.asyncio as aioredis
+from envoy_data_plane.envoy.service.auth.v3 import (
+    AttributeContext,
+    AttributeContextHttpRequest,
+    AttributeContextRequest,
+    CheckRequest,
+    CheckResponse,
+)
+
+from mariana.billing.v1 import billing_pb2, billing_pb2_grpc
+from mariana.moderation.v1 import moderation_pb2, moderation_pb2_grpc
+from mariana_common.server import Server, create_server
+from mariana_common.settings import ServiceSettings
+from mariana_common.tls import channel_credentials
+from mesh.pki import CertFiles, mint_mesh
+from services.auth import ext_authz
+from services.auth.authorizer import Authorizer
+from services.auth.keys import KeyStore
+from services.billing import servicer as billing_servicer
+from services.billing.consumer import DEAD_LETTER_SUFFIX, UsageConsumer
+from services.billing.ledger import Ledger
+from services.moderation import servicer as moderation_servicer
+from services.moderation.moderator import Moderator
+from services.router.domain import UsageRecord
+from services.router.usage import RedisUsagePublisher
+
+MASTER = "sk-integration-master-key"
+
+
+def settings_for(certs: CertFiles) -> ServiceSettings:
+    return ServiceSettings(tls_cert=certs.cert, tls_key=certs.key, tls_ca=certs.ca, port=0)
+
+
+def credentials(certs: CertFiles) -> grpc.ChannelCredentials:
+    return channel_credentials(certs.cert, certs.key, certs.ca)
+
+
+@pytest.fixture
+async def moderation(pki: dict[str, CertFiles]) -> AsyncIterator[Server]:
+    server = create_server(settings_for(pki["moderation"]), moderation_servicer.register(Moderator(["bomb"])), ["m"])
+    await server.start()
+    yield server
+    await server.stop(0)
+
+
+async def test_mtls_call_succeeds(moderation: Server, pki: dict[str, CertFiles]) -> None:
+    async with grpc.aio.secure_channel(f"127.0.0.1:{moderation.port}", credentials(pki["envoy"])) as channel:
+        stub = moderation_pb2_grpc.ModerationServiceStub(channel)
+        reply = await stub.Check(moderation_pb2.CheckRequest(texts=["hi", "a bomb"]), timeout=5)
+    assert [r.flagged for r in reply.results] == [False, True]
+    assert reply.results[1].findings[0].category == "blocklist"
+
+
+async def test_plaintext_is_refused(moderation: Server) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{moderation.port}") as channel:
+        stub = moderation_pb2_grpc.ModerationServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stub.Check(moderation_pb2.CheckRequest(texts=["hi"]), timeout=5)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_tls_without_client_certificate_is_refused(moderation: Server, pki: dict[str, CertFiles]) -> None:
+    no_cert = grpc.ssl_channel_credentials(root_certificates=pki["envoy"].ca.read_bytes())
+    async with grpc.aio.secure_channel(f"127.0.0.1:{moderation.port}", no_cert) as channel:
+        stub = moderation_pb2_grpc.ModerationServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stub.Check(moderation_pb2.CheckRequest(texts=["hi"]), timeout=5)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_certificate_from_another_ca_is_refused(
+    moderation: Server, pki: dict[str, CertFiles], tmp_path: Path
+) -> None:
+    foreign = mint_mesh(tmp_path, "evil.local", ["envoy"])["envoy"]
+    # Trusts the real CA (so the server is accepted) but presents a foreign client cert.
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=pki["envoy"].ca.read_bytes(),
+        private_key=foreign.key.read_bytes(),
+        certificate_chain=foreign.cert.read_bytes(),
+    )
+    async with grpc.aio.secure_channel(f"127.0.0.1:{moderation.port}", creds) as channel:
+        stub = moderation_pb2_grpc.ModerationServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stub.Check(moderation_pb2.CheckRequest(texts=["hi"]), timeout=5)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_domain_errors_keep_their_status(pki: dict[str, CertFiles], tmp_path: Path) -> None:
+    server = create_server(settings_for(pki["billing"]), billing_servicer.register(Ledger(tmp_path / "l.db")), ["b"])
+    await server.start()
+    try:
+        async with grpc.aio.secure_channel(f"127.0.0.1:{server.port}", credentials(pki["envoy"])) as channel:
+            stub = billing_pb2_grpc.BillingServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await stub.GetUsage(billing_pb2.GetUsageRequest(), timeout=5)
+    finally:
+        await server.stop(0)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tenant_id" in (error.value.details() or "")
+
+
+async def test_ext_authz_check_over_the_wire(pki: dict[str, CertFiles], tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "keys.db", b"x" * 32)
+    issued = store.create_key(store.create_tenant("acme").id)
+    authz = ext_authz.ExtAuthz(Authorizer(store, MASTER))
+    server = create_server(settings_for(pki["auth"]), ext_authz.register(authz), [ext_authz.SERVICE_NAME])
+    await server.start()
+
+    async def check(authorization: str, path: str) -> CheckResponse:
+        http = AttributeContextHttpRequest(headers={"authorization": authorization}, path=path, method="POST")
+        request = CheckRequest(attributes=AttributeContext(request=AttributeContextRequest(http=http)))
+        async with grpc.aio.secure_channel(f"127.0.0.1:{server.port}", credentials(pki["envoy"])) as channel:
+            call = channel.unary_unary(
+                f"/{ext_authz.SERVICE_NAME}/Check",
+                request_serializer=bytes,
+                response_deserializer=CheckResponse.parse,
+            )
+            return await call(request, timeout=5)  # type: ignore[no-any-return]
+
+    try:
+        allowed = await check(f"Bearer {issued.secret}", "/v1/chat/completions")
+        denied = await check("Bearer mk_000000000000_nope", "/v1/chat/completions")
+        forbidden = await check(f"Bearer {issued.secret}", "/mariana.auth.v1.AuthAdminService/CreateKey")
+    finally:
+        await server.stop(0)
+    assert allowed.status.code == 0
+    headers = {h.header.key: h.header.value for h in allowed.ok_response.headers}
+    assert headers == {"x-mariana-tenant": issued.tenant_id, "x-mariana-key-id": issued.key_id}
+    assert denied.status.code == 16 and denied.denied_response.status.code == 401
+    assert '"invalid_api_key"' in denied.denied_response.body
+    assert forbidden.status.code == 7 and forbidden.denied_response.status.code == 403
+
+
+def usage(request_id: str, completion: int = 3) -> UsageRecord:
+    return UsageRecord(request_id, "tenant-a", "key-a", "m", 10, completion, "stop", 1.0)
+
+
+async def test_usage_flows_from_publisher_to_ledger_exactly_once(flush_redis: str, tmp_path: Path) -> None:
+    client = aioredis.Redis.from_url(flush_redis)
+    publisher = RedisUsagePublisher(client, "usage")
+    publisher.start()
+    for i in range(50):
+        publisher.publish(usage(f"r{i}"))
+    publisher.publish(usage("r7", completion=999))  # a redelivered duplicate
+    await publisher.close(5)
+    await client.xadd("usage", {b"event": b"\xff garbage"})
+
+    ledger = Ledger(tmp_path / "ledger.db")
+    consumer = UsageConsumer(client, ledger, "usage", "billing", "c1", block_ms=50)
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    for _ in range(100):
+        if len(ledger.entries("tenant-a")) == 50 and await client.xlen("usage" + DEAD_LETTER_SUFFIX) == 1:
+            break
+        await asyncio.sleep(0.05)
+    stop.set()
+    await task
+    entries = ledger.entries("tenant-a")
+    assert len(entries) == 50
+    assert {e.request_id: e.completion_tokens for e in entries}["r7"] == 3
+    assert await client.xlen("usage" + DEAD_LETTER_SUFFIX) == 1
+    pending = await client.xpending("usage", "billing")
+    assert pending["pending"] == 0
+    await client.aclose()
+
+
+async def test_unacknowledged_entries_are_applied_after_a_restart(flush_redis: str, tmp_path: Path) -> None:
+    client = aioredis.Redis.from_url(flush_redis)
+    ledger = Ledger(tmp_path / "ledger.db")
+    consumer = UsageConsumer(client, ledger, "usage", "billing", "c1", block_ms=50)
+    await consumer.ensure_group()
+    publisher = RedisUsagePublisher(client, "usage")
+    publisher.start()
+    publisher.publish(usage("crash-1"))
+    await publisher.close(5)
+    # A consumer read the entry, then "crashed" before recording or acking it.
+    await client.xreadgroup("billing", "c1", {"usage": ">"}, count=10)
+    assert ledger.entries("tenant-a") == []
+    stop = asyncio.Event()
+    stop.set()  # drain the pending entries, then stop
+    await consumer.run(stop)
+    assert [e.request_id for e in ledger.entries("tenant-a")] == ["crash-1"]
+    await client.aclose()
