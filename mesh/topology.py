@@ -79,7 +79,7 @@ class Edge(Strict):
 
 
 class Redis(Strict):
-    port: int = Field(6379, ge=0, le=65535)
+    port: int = Field(0, ge=0, le=65535)
 
 
 class Topology(Strict):
