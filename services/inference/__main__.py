@@ -26,9 +26,9 @@ async def main() -> None:
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     loaded = await asyncio.to_thread(load_model, settings.model_dir, settings.backend)
-    engine = Engine(settings.model_id, loaded, settings.default_max_tokens)
+    engine = Engine(settings.served_model_id(), loaded, settings.default_max_tokens)
     await warm_up(engine)
-    structlog.get_logger().info("warmed up", model=settings.model_id)
+    structlog.get_logger().info("warmed up", model=engine.model_id)
     server = create_server(settings, register(engine), [SERVICE_NAME])
     try:
         await serve(server, settings)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class ModelCard:
     backend: str
     device: str
     context_length: int
+    created: int
 
 
 class Engine:
@@ -59,10 +61,11 @@ class Engine:
         self._loaded = loaded
         self._default_max_tokens = default_max_tokens
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._created = int(time.time())
 
     def card(self) -> ModelCard:
         m = self._loaded
-        return ModelCard(self.model_id, m.backend, m.device, m.context_length)
+        return ModelCard(self.model_id, m.backend, m.device, m.context_length, self._created)
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)

@@ -52,7 +52,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         card = self._engine.card()
-        info = pb.ModelInfo(id=card.id, backend=card.backend, device=card.device, context_length=card.context_length)
+        info = pb.ModelInfo(
+            id=card.id,
+            backend=card.backend,
+            device=card.device,
+            context_length=card.context_length,
+            created=card.created,
+        )
         return pb.ListModelsResponse(models=[info])
 
 

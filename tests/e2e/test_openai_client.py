@@ -8,8 +8,8 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import MODEL, Platform, TenantKey
-from tests.e2e.ledger import wait_for_ledger
+from tests.e2e.conftest import MODEL, Platform, TenantKey, create_key_with_cli
+from tests.e2e.ledger import ledger_entries, wait_for_ledger
 
 pytestmark = pytest.mark.e2e
 
@@ -17,7 +17,25 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def test_models_list(client: openai.OpenAI) -> None:
-    assert MODEL in [m.id for m in client.models.list()]
+    (model,) = [m for m in client.models.list() if m.id == MODEL]
+    assert model.object == "model" and model.created > 1_700_000_000
+
+
+def test_every_completed_request_has_exactly_one_ledger_row(platform: Platform) -> None:
+    key = create_key_with_cli(platform, "ledger-check")
+    client = platform.openai(key.secret)
+    ids = []
+    for _ in range(2):
+        ids.append(client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4).id)
+    stream = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4, stream=True)
+    ids.append({chunk.id for chunk in stream}.pop())
+    ids.append(client.completions.create(model=MODEL, prompt="Hello", max_tokens=4).id)
+    with pytest.raises(openai.BadRequestError):  # refused: no usage
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a@b.org"}], max_tokens=4)
+    request_ids = [i.split("-", 1)[1] for i in ids]
+    assert len(wait_for_ledger(platform, key.tenant_id, request_ids)) == 4
+    entries = ledger_entries(platform, key.tenant_id)
+    assert sorted(e.request_id for e in entries) == sorted(request_ids)
 
 
 def test_chat_completion(client: openai.OpenAI, platform: Platform, tenant_key: TenantKey) -> None:
