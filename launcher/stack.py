@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import time
+from pathlib import Path
 
 from launcher.processes import ManagedProcess
 from launcher.readiness import StartError, envoy_clusters_healthy, grpc_serving, port_open, wait_until
@@ -71,6 +72,7 @@ class Stack:
         data = self.data_dir
         extra: dict[str, dict[str, object]] = {
             "auth": {"DB_PATH": data / "auth" / "keys.db", "PEPPER_FILE": data / "auth" / "pepper"},
+            "moderation": {"POLICY_FILE": self._moderation_policy()},
             "billing": {"DB_PATH": data / "billing" / "ledger.db", "CONSUMER_NAME": f"billing-{port}"},
             "inference": {"MODEL_DIR": self.settings.resolved_model_dir(), "BACKEND": self.settings.inference_backend},
             "router": {
@@ -80,6 +82,14 @@ class Stack:
         }
         env |= {prefix + k: str(v) for k, v in extra.get(name, {}).items()}
         return env
+
+    def _moderation_policy(self) -> Path:
+        """The operator's copy of the moderation policy, made from the default once."""
+        path = self.data_dir / "moderation" / "policy.yaml"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(REPO / "services" / "moderation" / "policy.yaml", path)
+        return path
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> ManagedProcess:
         process = ManagedProcess(name, argv, env, self.logs / f"{name}.log", REPO)

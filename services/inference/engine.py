@@ -132,7 +132,7 @@ class Engine:
                 continue  # a multi-byte character is not complete yet
             scan = scan_for_stops(text, s.stop)
             if scan.safe_end > sent:
-                yield Delta(text[sent : scan.safe_end])
+                yield Delta(text[sent : scan.safe_end], None, len(prompt_ids), len(generated))
                 sent = scan.safe_end
             if scan.stopped:
                 finish, stopped_by_sequence = "stop", True
@@ -141,7 +141,7 @@ class Engine:
             # Text held back as a possible stop prefix, or an unfinished character.
             text = self._decode(generated)
             if len(text) > sent:
-                yield Delta(text[sent:])
+                yield Delta(text[sent:], None, len(prompt_ids), len(generated))
         yield Delta("", finish, len(prompt_ids), len(generated))
 
     # -- embeddings -----------------------------------------------------

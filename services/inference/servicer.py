@@ -36,15 +36,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> AsyncIterator[pb.GenerateResponse]:
         async for delta in self._engine.generate(generation_input(request)):
-            if delta.finish_reason is None:
-                yield pb.GenerateResponse(text=delta.text)
-            else:
-                usage = Usage(
-                    prompt_tokens=delta.prompt_tokens,
-                    completion_tokens=delta.completion_tokens,
-                    total_tokens=delta.prompt_tokens + delta.completion_tokens,
-                )
-                yield pb.GenerateResponse(text=delta.text, finish_reason=delta.finish_reason, usage=usage)
+            usage = Usage(
+                prompt_tokens=delta.prompt_tokens,
+                completion_tokens=delta.completion_tokens,
+                total_tokens=delta.prompt_tokens + delta.completion_tokens,
+            )
+            yield pb.GenerateResponse(text=delta.text, finish_reason=delta.finish_reason or "", usage=usage)
 
     async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
         vectors, tokens = await self._engine.embed(request.model, list(request.texts))

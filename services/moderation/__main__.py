@@ -3,14 +3,19 @@
 from mariana_common.logs import configure_logging
 from mariana_common.server import create_server, run, serve
 from services.moderation.moderator import Moderator
+from services.moderation.policy import ReloadingPolicy
 from services.moderation.servicer import SERVICE_NAME, register
 from services.moderation.settings import ModerationSettings
+from services.moderation.toxicity import ToxicityModel
 
 
 async def main() -> None:
     settings = ModerationSettings()  # type: ignore[call-arg]
     configure_logging("moderation", settings.log_level)
-    server = create_server(settings, register(Moderator(settings.blocklist)), [SERVICE_NAME])
+    moderator = Moderator(
+        ToxicityModel.load(settings.toxicity_model), ReloadingPolicy(settings.policy_file), settings.blocklist
+    )
+    server = create_server(settings, register(moderator), [SERVICE_NAME])
     await serve(server, settings)
 
 

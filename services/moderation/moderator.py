@@ -1,14 +1,21 @@
-"""The moderation verdict for a text: which categories were found, with a
-score per category and the spans behind them."""
+"""A text's verdict: every category's score, what was found where, the action
+the tenant's policy takes, and the text with redactable spans replaced."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
-from services.moderation.detectors import Blocklist, Span, find_cards, find_emails, find_phones
+from services.moderation.blocklist import Blocklist
+from services.moderation.credentials import find_secrets
+from services.moderation.injection import find_injection
+from services.moderation.pii import find_pii
+from services.moderation.policy import Action, PolicyBook, Rules
+from services.moderation.spans import CATEGORIES, Span
+from services.moderation.toxicity import ToxicityModel
 
-CATEGORIES = ("pii.email", "pii.phone", "pii.credit_card", "blocklist")
+Direction = Literal["input", "output"]
 
 
 @dataclass(frozen=True)
@@ -17,22 +24,62 @@ class Verdict:
     categories: dict[str, bool]
     scores: dict[str, float]
     findings: list[Span] = field(default_factory=list)
+    action: Action = Action.ALLOW
+    # The categories that decided `action`.
+    triggered: list[str] = field(default_factory=list)
+    redacted_text: str = ""
+
+
+def redact(text: str, spans: Iterable[Span]) -> str:
+    out, cursor = [], 0
+    for span in sorted(spans, key=lambda s: s.start):
+        if span.start < cursor:
+            continue
+        label = "SECRET" if span.category == "secrets" else span.kind.upper()
+        out += [text[cursor : span.start], f"[{label}]"]
+        cursor = span.end
+    out.append(text[cursor:])
+    return "".join(out)
 
 
 class Moderator:
-    def __init__(self, blocklist: Iterable[str]) -> None:
+    def __init__(
+        self, toxicity: ToxicityModel, policy: Callable[[], PolicyBook], blocklist: Iterable[str] = ()
+    ) -> None:
+        self._toxicity = toxicity
+        self._policy = policy
         self._blocklist = Blocklist(blocklist)
 
-    def check(self, text: str) -> Verdict:
-        spans = [*find_emails(text), *find_cards(text)]
-        spans += list(find_phones(text, spans))
-        spans += list(self._blocklist.find(text))
-        spans.sort(key=lambda s: s.start)
-        found = {s.category for s in spans}
-        categories = {c: c in found for c in CATEGORIES}
-        # Rule detectors are certain when they match.
-        scores = {c: 1.0 if hit else 0.0 for c, hit in categories.items()}
-        return Verdict(bool(found), categories, scores, spans)
+    def find(self, text: str) -> list[Span]:
+        spans = find_secrets(text)
+        spans += [s for s in find_pii(text) if not any(s.overlaps(t) for t in spans)]
+        spans += find_injection(text) + self._blocklist.find(text)
+        return sorted(spans, key=lambda s: s.start)
 
-    def check_all(self, texts: Iterable[str]) -> list[Verdict]:
-        return [self.check(t) for t in texts]
+    def scores(self, text: str, spans: Sequence[Span]) -> dict[str, float]:
+        scores = dict.fromkeys(CATEGORIES, 0.0)
+        scores.update(self._toxicity.scores(text))
+        for span in spans:
+            scores[span.category] = 1.0
+        return scores
+
+    def check(self, text: str, tenant_id: str = "", direction: Direction = "input") -> Verdict:
+        spans = self.find(text)
+        scores = self.scores(text, spans)
+        rules: Rules = self._policy().rules(tenant_id, direction)
+        categories = {c: scores[c] >= rules[c].threshold for c in CATEGORIES}
+        triggered = [c for c in CATEGORIES if categories[c] and rules[c].severity > Action.ALLOW]
+        action = max((rules[c].severity for c in triggered), default=Action.ALLOW)
+        redactable = [s for s in spans if rules[s.category].severity == Action.REDACT]
+        return Verdict(
+            flagged=any(categories.values()),
+            categories=categories,
+            scores=scores,
+            findings=spans,
+            action=action,
+            triggered=[c for c in triggered if rules[c].severity == action],
+            redacted_text=redact(text, redactable) if action == Action.REDACT else text,
+        )
+
+    def check_all(self, texts: Sequence[str], tenant_id: str = "", direction: Direction = "input") -> list[Verdict]:
+        return [self.check(t, tenant_id, direction) for t in texts]

@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from mariana.moderation.v1 import moderation_pb2 as pb
 from mariana.moderation.v1 import moderation_pb2_grpc as pb_grpc
+from mariana_common.errors import InvalidArgument
 from mariana_common.server import Context, Registrar
-from services.moderation.moderator import Moderator, Verdict
+from services.moderation.moderator import Direction, Moderator, Verdict
+from services.moderation.policy import Action
 
 SERVICE_NAME = "mariana.moderation.v1.ModerationService"
+MAX_TEXTS = 256
+# Long batches run off the event loop so one cannot stall the others.
+INLINE_CHARS = 4096
+
+ACTIONS = {
+    Action.ALLOW: pb.ACTION_ALLOW,
+    Action.FLAG: pb.ACTION_FLAG,
+    Action.REDACT: pb.ACTION_REDACT,
+    Action.BLOCK: pb.ACTION_BLOCK,
+}
+DIRECTIONS: dict[int, Direction] = {
+    pb.DIRECTION_UNSPECIFIED: "input",
+    pb.DIRECTION_INPUT: "input",
+    pb.DIRECTION_OUTPUT: "output",
+}
 
 
 def verdict_to_proto(verdict: Verdict) -> pb.TextVerdict:
@@ -17,7 +36,10 @@ def verdict_to_proto(verdict: Verdict) -> pb.TextVerdict:
         flagged=verdict.flagged,
         categories=verdict.categories,
         category_scores=verdict.scores,
-        findings=[pb.Finding(category=s.category, start=s.start, end=s.end) for s in verdict.findings],
+        findings=[pb.Finding(category=s.category, kind=s.kind, start=s.start, end=s.end) for s in verdict.findings],
+        action=ACTIONS[verdict.action],
+        triggered=verdict.triggered,
+        redacted_text=verdict.redacted_text,
     )
 
 
@@ -26,7 +48,16 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         self._moderator = moderator
 
     async def Check(self, request: pb.CheckRequest, context: Context) -> pb.CheckResponse:
-        verdicts = self._moderator.check_all(request.texts)
+        if len(request.texts) > MAX_TEXTS:
+            raise InvalidArgument(f"at most {MAX_TEXTS} texts per call")
+        direction = DIRECTIONS.get(request.direction)
+        if direction is None:
+            raise InvalidArgument(f"unknown direction {request.direction}")
+        texts, tenant = list(request.texts), request.tenant_id
+        if sum(len(t) for t in texts) <= INLINE_CHARS:
+            verdicts = self._moderator.check_all(texts, tenant, direction)
+        else:
+            verdicts = await asyncio.to_thread(self._moderator.check_all, texts, tenant, direction)
         return pb.CheckResponse(results=[verdict_to_proto(v) for v in verdicts])
 
 

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from mariana_common.settings import ServiceSettings
+from services.moderation.policy import DEFAULT_FILE
+from services.moderation.toxicity import MODEL_FILE
 
 
 class ModerationSettings(ServiceSettings):
@@ -13,3 +17,7 @@ class ModerationSettings(ServiceSettings):
         default_factory=list,
         description="Terms refused wherever they appear (JSON list in the environment).",
     )
+    policy_file: Path = Field(
+        DEFAULT_FILE, description="Per-tenant policy (YAML, see policy.yaml); re-read when it changes."
+    )
+    toxicity_model: Path = Field(MODEL_FILE, description="Weights of the toxicity head (training/train.py).")

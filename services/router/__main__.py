@@ -26,6 +26,7 @@ async def main() -> None:
         GrpcInference(inference_channel, settings.inference_timeout_s),
         GrpcModeration(moderation_channel, settings.moderation_timeout_s),
         usage,
+        settings.output_window_chars,
     )
     server = create_server(settings, register(gateway), [SERVICE_NAME])
     try:

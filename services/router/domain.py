@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,8 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class Piece:
-    """Text generated since the previous piece; the last piece has the
-    finish reason and token counts."""
+    """Text generated since the previous piece, and the tokens so far; the
+    last piece has the finish reason."""
 
     text: str
     finish_reason: str | None = None
@@ -49,11 +49,19 @@ class Piece:
     completion_tokens: int = 0
 
 
+Direction = Literal["input", "output"]
+
+
 @dataclass(frozen=True)
 class ModerationVerdict:
     flagged: bool
     categories: dict[str, bool]
     scores: dict[str, float]
+    # What the tenant's policy does: "allow", "flag", "redact" or "block".
+    action: str = "allow"
+    # The categories (with the kinds found, e.g. "pii (credit_card)") behind the action.
+    reasons: tuple[str, ...] = ()
+    redacted_text: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,7 +91,9 @@ class Inference(Protocol):
 
 
 class Moderation(Protocol):
-    async def check(self, texts: Sequence[str], request_id: str) -> list[ModerationVerdict]: ...
+    async def check(
+        self, texts: Sequence[str], request_id: str, tenant_id: str = "", direction: Direction = "input"
+    ) -> list[ModerationVerdict]: ...
 
 
 class UsageSink(Protocol):

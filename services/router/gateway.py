@@ -1,10 +1,12 @@
-"""What the router does with a request: moderation on the input, generation,
-and one usage record when the request completes."""
+"""What the router does with a request: moderation of the input (refuse,
+redact or pass), generation with its output moderated as it streams, and one
+usage record per request, whether it completed, was filtered or was cut off."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 
 from mariana_common.errors import InvalidArgument
 from services.router.domain import (
@@ -18,37 +20,92 @@ from services.router.domain import (
     UsageRecord,
     UsageSink,
 )
+from services.router.output_guard import ContentFiltered, OutputGuard
+
+CONTENT_FILTER = "content_filter"
+CANCELLED = "cancelled"
 
 
-def flagged_categories(verdicts: Sequence[ModerationVerdict]) -> list[str]:
-    return sorted({c for v in verdicts for c, hit in v.categories.items() if hit})
+def reasons_of(verdicts: Sequence[ModerationVerdict]) -> list[str]:
+    return sorted({r for v in verdicts for r in v.reasons})
+
+
+def redacted(request: GenerationRequest, verdicts: Sequence[ModerationVerdict]) -> GenerationRequest:
+    texts = [v.redacted_text if v.action == "redact" else t for v, t in zip(verdicts, request.texts(), strict=True)]
+    if request.messages is None:
+        return replace(request, prompt=texts[0])
+    return replace(request, messages=[(role, text) for (role, _), text in zip(request.messages, texts, strict=True)])
 
 
 class Gateway:
-    def __init__(self, inference: Inference, moderation: Moderation, usage: UsageSink) -> None:
+    def __init__(
+        self, inference: Inference, moderation: Moderation, usage: UsageSink, output_window_chars: int = 32
+    ) -> None:
         self._inference = inference
         self._moderation = moderation
         self._usage = usage
+        self._output_window_chars = output_window_chars
+
+    async def _moderate_input(self, caller: Caller, request: GenerationRequest) -> GenerationRequest:
+        verdicts = await self._moderation.check(request.texts(), caller.request_id, caller.tenant_id, "input")
+        if any(v.action == "block" for v in verdicts):
+            blocking = [v for v in verdicts if v.action == "block"]
+            raise InvalidArgument("the input was blocked by moderation: " + ", ".join(reasons_of(blocking)))
+        if any(v.action == "redact" for v in verdicts):
+            return redacted(request, verdicts)
+        return request
+
+    def _output_guard(self, caller: Caller) -> OutputGuard | None:
+        if not self._output_window_chars:
+            return None
+
+        async def check(text: str) -> ModerationVerdict:
+            (verdict,) = await self._moderation.check([text], caller.request_id, caller.tenant_id, "output")
+            return verdict
+
+        return OutputGuard(check, self._output_window_chars)
+
+    def _record(self, caller: Caller, model: str, piece: Piece, finish_reason: str) -> None:
+        self._usage.publish(
+            UsageRecord(
+                request_id=caller.request_id,
+                tenant_id=caller.tenant_id,
+                key_id=caller.key_id,
+                model=model,
+                prompt_tokens=piece.prompt_tokens,
+                completion_tokens=piece.completion_tokens,
+                finish_reason=finish_reason,
+                completed_at=time.time(),
+            )
+        )
 
     async def generate(self, caller: Caller, request: GenerationRequest) -> AsyncIterator[Piece]:
-        verdicts = await self._moderation.check(request.texts(), caller.request_id)
-        if any(v.flagged for v in verdicts):
-            raise InvalidArgument("the input was flagged by moderation: " + ", ".join(flagged_categories(verdicts)))
-        async for piece in self._inference.generate(request, caller.request_id):
-            if piece.finish_reason is not None:
-                self._usage.publish(
-                    UsageRecord(
-                        request_id=caller.request_id,
-                        tenant_id=caller.tenant_id,
-                        key_id=caller.key_id,
-                        model=request.model,
-                        prompt_tokens=piece.prompt_tokens,
-                        completion_tokens=piece.completion_tokens,
-                        finish_reason=piece.finish_reason,
-                        completed_at=time.time(),
-                    )
-                )
-            yield piece
+        request = await self._moderate_input(caller, request)
+        guard = self._output_guard(caller)
+        last = Piece("")
+        recorded = False
+        try:
+            async for piece in self._inference.generate(request, caller.request_id):
+                last = piece
+                text = await guard.feed(piece.text) if guard else piece.text
+                if piece.finish_reason is None:
+                    if text:
+                        yield replace(piece, text=text)
+                    continue
+                if guard:
+                    text += await guard.finish()
+                self._record(caller, request.model, piece, piece.finish_reason)
+                recorded = True
+                yield replace(piece, text=text)
+        except ContentFiltered:
+            self._record(caller, request.model, last, CONTENT_FILTER)
+            recorded = True
+            yield replace(last, text="", finish_reason=CONTENT_FILTER)
+        finally:
+            # The caller went away (or inference failed) after tokens were made:
+            # they were generated, so they are billed.
+            if not recorded and last.completion_tokens:
+                self._record(caller, request.model, last, CANCELLED)
 
     async def embed(self, caller: Caller, model: str, texts: Sequence[str]) -> tuple[list[list[float]], int]:
         return await self._inference.embed(model, texts, caller.request_id)
@@ -57,4 +114,4 @@ class Gateway:
         return await self._inference.models()
 
     async def moderate(self, caller: Caller, texts: Sequence[str]) -> list[ModerationVerdict]:
-        return await self._moderation.check(texts, caller.request_id)
+        return await self._moderation.check(texts, caller.request_id, caller.tenant_id, "input")

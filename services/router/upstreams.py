@@ -13,7 +13,28 @@ from mariana.inference.v1 import inference_pb2_grpc as inf_grpc
 from mariana.moderation.v1 import moderation_pb2 as mod
 from mariana.moderation.v1 import moderation_pb2_grpc as mod_grpc
 from mariana_common.interceptors import error_from_status
-from services.router.domain import GenerationRequest, ModelEntry, ModerationVerdict, Piece
+from services.router.domain import Direction, GenerationRequest, ModelEntry, ModerationVerdict, Piece
+
+DIRECTIONS = {"input": mod.DIRECTION_INPUT, "output": mod.DIRECTION_OUTPUT}
+ACTIONS = {mod.ACTION_ALLOW: "allow", mod.ACTION_FLAG: "flag", mod.ACTION_REDACT: "redact", mod.ACTION_BLOCK: "block"}
+
+
+def verdict_of(result: mod.TextVerdict) -> ModerationVerdict:
+    kinds: dict[str, list[str]] = {}
+    for finding in result.findings:
+        kinds.setdefault(finding.category, []).append(finding.kind)
+    reasons = tuple(
+        f"{category} ({', '.join(sorted(set(kinds[category])))})" if category in kinds else category
+        for category in result.triggered
+    )
+    return ModerationVerdict(
+        flagged=result.flagged,
+        categories=dict(result.categories),
+        scores=dict(result.category_scores),
+        action=ACTIONS.get(result.action, "allow"),
+        reasons=reasons,
+        redacted_text=result.redacted_text,
+    )
 
 
 def _metadata(request_id: str) -> tuple[tuple[str, str], ...]:
@@ -46,12 +67,9 @@ class GrpcInference:
         )
         try:
             async for reply in call:
-                if reply.finish_reason:
-                    yield Piece(
-                        reply.text, reply.finish_reason, reply.usage.prompt_tokens, reply.usage.completion_tokens
-                    )
-                else:
-                    yield Piece(reply.text)
+                yield Piece(
+                    reply.text, reply.finish_reason or None, reply.usage.prompt_tokens, reply.usage.completion_tokens
+                )
         except grpc.aio.AioRpcError as error:
             raise error_from_status(error.code(), error.details() or "") from error
         finally:
@@ -81,11 +99,12 @@ class GrpcModeration:
         self._stub = mod_grpc.ModerationServiceStub(channel)
         self._timeout_s = timeout_s
 
-    async def check(self, texts: Sequence[str], request_id: str) -> list[ModerationVerdict]:
+    async def check(
+        self, texts: Sequence[str], request_id: str, tenant_id: str = "", direction: Direction = "input"
+    ) -> list[ModerationVerdict]:
+        request = mod.CheckRequest(texts=list(texts), tenant_id=tenant_id, direction=DIRECTIONS[direction])
         try:
-            reply = await self._stub.Check(
-                mod.CheckRequest(texts=list(texts)), timeout=self._timeout_s, metadata=_metadata(request_id)
-            )
+            reply = await self._stub.Check(request, timeout=self._timeout_s, metadata=_metadata(request_id))
         except grpc.aio.AioRpcError as error:
             raise error_from_status(error.code(), error.details() or "") from error
-        return [ModerationVerdict(r.flagged, dict(r.categories), dict(r.category_scores)) for r in reply.results]
+        return [verdict_of(r) for r in reply.results]

@@ -58,7 +58,7 @@ def test_streamed_chat_arrives_incrementally(client: openai.OpenAI, platform: Pl
     stream = client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "Write a long poem about the sea."}],
-        max_tokens=24,
+        max_tokens=48,
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
@@ -75,13 +75,14 @@ def test_streamed_chat_arrives_incrementally(client: openai.OpenAI, platform: Pl
             finish = chunk.choices[0].finish_reason or finish
         if chunk.usage is not None:
             usage = chunk.usage
-    assert len(texts) >= 5, texts
+    # Output is released in moderated windows of ~32 characters, not per token.
+    assert len(texts) >= 3, texts
     assert "".join(texts).strip()
     assert arrivals[-1] - arrivals[0] > 0  # not one buffered blob
     assert finish in ("stop", "length")
-    assert usage is not None and 0 < usage.completion_tokens <= 24
+    assert usage is not None and 0 < usage.completion_tokens <= 48
     if finish == "length":
-        assert usage.completion_tokens == 24
+        assert usage.completion_tokens == 48
     assert len(ids) == 1
     (entry,) = wait_for_ledger(platform, tenant_key.tenant_id, [ids.pop().removeprefix("chatcmpl-")])
     assert (entry.completion_tokens, entry.finish_reason) == (usage.completion_tokens, finish)
@@ -106,8 +107,15 @@ def test_embeddings_float_and_base64(client: openai.OpenAI) -> None:
 
 
 def test_moderations_endpoint(client: openai.OpenAI) -> None:
-    result = client.moderations.create(input=["hello there", "write to bob@example.com"])
-    assert [r.flagged for r in result.results] == [False, True]
+    result = client.moderations.create(
+        input=["hello there", "write to bob@example.com", "I will find you and kill you"]
+    )
+    assert [r.flagged for r in result.results] == [False, True, True]
+    clean, pii, violent = (r.model_dump(by_alias=True) for r in result.results)
+    for key in ("harassment", "hate", "self-harm", "sexual", "violence", "illicit", "pii", "secrets"):
+        assert 0 <= clean["category_scores"][key] <= 1
+    assert pii["categories"]["pii"] and not pii["categories"]["violence"]
+    assert violent["categories"]["violence"] and violent["category_scores"]["violence"] > 0.8
 
 
 def test_bad_key_is_401(platform: Platform) -> None:
@@ -128,7 +136,15 @@ def test_flagged_prompt_is_400(client: openai.OpenAI) -> None:
         client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "my card is 4111 1111 1111 1111"}], max_tokens=5
         )
-    assert "pii.credit_card" in str(error.value)
+    assert "pii (credit_card)" in str(error.value)
+
+
+def test_toxic_prompt_is_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "you are a worthless idiot, everyone hates you"}]
+        )
+    assert "harassment" in str(error.value)
 
 
 def test_flagged_prompt_is_400_when_streaming(client: openai.OpenAI) -> None:

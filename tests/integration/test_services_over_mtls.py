@@ -4,7 +4,7 @@ gRPC clients: what each service refuses, and how statuses reach clients."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -32,7 +32,11 @@ from services.billing.consumer import DEAD_LETTER_SUFFIX, UsageConsumer
 from services.billing.ledger import Ledger
 from services.moderation import servicer as moderation_servicer
 from services.moderation.moderator import Moderator
-from services.router.domain import UsageRecord
+from services.moderation.policy import load_policy
+from services.moderation.toxicity import ToxicityModel
+from services.router.domain import Caller, GenerationRequest, ModelEntry, Piece, UsageRecord
+from services.router.gateway import Gateway
+from services.router.upstreams import GrpcModeration
 from services.router.usage import RedisUsagePublisher
 
 MASTER = "sk-integration-master-key"
@@ -48,7 +52,9 @@ def credentials(certs: CertFiles) -> grpc.ChannelCredentials:
 
 @pytest.fixture
 async def moderation(pki: dict[str, CertFiles]) -> AsyncIterator[Server]:
-    server = create_server(settings_for(pki["moderation"]), moderation_servicer.register(Moderator(["bomb"])), ["m"])
+    policy = load_policy()
+    moderator = Moderator(ToxicityModel.load(), lambda: policy, ["bomb"])
+    server = create_server(settings_for(pki["moderation"]), moderation_servicer.register(moderator), ["m"])
     await server.start()
     yield server
     await server.stop(0)
@@ -60,6 +66,7 @@ async def test_mtls_call_succeeds(moderation: Server, pki: dict[str, CertFiles])
         reply = await stub.Check(moderation_pb2.CheckRequest(texts=["hi", "a bomb"]), timeout=5)
     assert [r.flagged for r in reply.results] == [False, True]
     assert reply.results[1].findings[0].category == "blocklist"
+    assert reply.results[1].action == moderation_pb2.ACTION_BLOCK
 
 
 async def test_plaintext_is_refused(moderation: Server) -> None:
@@ -192,3 +199,44 @@ async def test_unacknowledged_entries_are_applied_after_a_restart(flush_redis: s
     await consumer.run(stop)
     assert [e.request_id for e in ledger.entries("tenant-a")] == ["crash-1"]
     await client.aclose()
+
+
+class EchoInference:
+    """Stands in for the model: streams a fixed text word by word."""
+
+    def __init__(self, text: str) -> None:
+        self.words = text.split(" ")
+
+    async def generate(self, request: GenerationRequest, request_id: str) -> AsyncIterator[Piece]:
+        for i, word in enumerate(self.words, start=1):
+            yield Piece(word + " ", None, 5, i)
+        yield Piece("", "stop", 5, len(self.words))
+
+    async def embed(self, model: str, texts: Sequence[str], request_id: str) -> tuple[list[list[float]], int]:
+        raise NotImplementedError
+
+    async def models(self) -> list[ModelEntry]:
+        return []
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.records: list[UsageRecord] = []
+
+    def publish(self, record: UsageRecord) -> None:
+        self.records.append(record)
+
+
+async def test_router_moderates_output_through_the_real_service(moderation: Server, pki: dict[str, CertFiles]) -> None:
+    text = "Sure, the admin is bob@example.com and the key is AKIAIOSFODNN7EXAMPLE as requested."
+    async with grpc.aio.secure_channel(f"127.0.0.1:{moderation.port}", credentials(pki["router"])) as channel:
+        gateway = Gateway(EchoInference(text), GrpcModeration(channel, 5), ListSink(), output_window_chars=16)
+        caller = Caller("t", "k", "r")
+        pieces = [p async for p in gateway.generate(caller, GenerationRequest("m", messages=[("user", "hi")]))]
+        out = "".join(p.text for p in pieces)
+        assert "bob@example.com" not in out and "AKIA" not in out
+        assert "[EMAIL]" in out and "[SECRET]" in out and out.startswith("Sure, the admin is")
+        blocked = Gateway(EchoInference("I will buy a bomb today."), GrpcModeration(channel, 5), ListSink(), 16)
+        pieces = [p async for p in blocked.generate(caller, GenerationRequest("m", messages=[("user", "hi")]))]
+        assert pieces[-1].finish_reason == "content_filter"
+        assert "bomb" not in "".join(p.text for p in pieces)

@@ -10,6 +10,7 @@ import pytest
 from mariana_common.errors import InvalidArgument
 from services.router.domain import (
     Caller,
+    Direction,
     GenerationRequest,
     ModelEntry,
     ModerationVerdict,
@@ -22,14 +23,16 @@ CALLER = Caller("tenant-1", "key-1", "req-1")
 
 
 class ScriptedInference:
-    def __init__(self, pieces: list[Piece]) -> None:
-        self.pieces = pieces
-        self.calls = 0
+    def __init__(self, texts: list[str], finish: str = "stop") -> None:
+        self.texts = texts
+        self.finish = finish
+        self.requests: list[GenerationRequest] = []
 
     async def generate(self, request: GenerationRequest, request_id: str) -> AsyncIterator[Piece]:
-        self.calls += 1
-        for piece in self.pieces:
-            yield piece
+        self.requests.append(request)
+        for i, text in enumerate(self.texts, start=1):
+            yield Piece(text, None, 12, i)
+        yield Piece("", self.finish, 12, len(self.texts))
 
     async def embed(self, model: str, texts: Sequence[str], request_id: str) -> tuple[list[list[float]], int]:
         return [[1.0] for _ in texts], len(texts)
@@ -38,9 +41,28 @@ class ScriptedInference:
         return [ModelEntry("m", 0)]
 
 
-class KeywordModeration:
-    async def check(self, texts: Sequence[str], request_id: str) -> list[ModerationVerdict]:
-        return [ModerationVerdict("secret" in t, {"blocklist": "secret" in t}, {}) for t in texts]
+class RuleModeration:
+    """Input: 'secret' blocks, 'mail@x.org' is redacted. Output: 'evil' blocks."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Direction, list[str]]] = []
+
+    async def check(
+        self, texts: Sequence[str], request_id: str, tenant_id: str = "", direction: Direction = "input"
+    ) -> list[ModerationVerdict]:
+        self.calls.append((direction, list(texts)))
+        verdicts = []
+        for text in texts:
+            if direction == "input" and "secret" in text:
+                verdicts.append(ModerationVerdict(True, {}, {}, "block", ("blocklist (term)",)))
+            elif direction == "input" and "mail@x.org" in text:
+                redacted = text.replace("mail@x.org", "[EMAIL]")
+                verdicts.append(ModerationVerdict(True, {}, {}, "redact", ("pii (email)",), redacted))
+            elif direction == "output" and "evil" in text:
+                verdicts.append(ModerationVerdict(True, {}, {}, "block", ("violence",)))
+            else:
+                verdicts.append(ModerationVerdict(False, {}, {}, "allow", (), text))
+        return verdicts
 
 
 class RecordingSink:
@@ -51,33 +73,58 @@ class RecordingSink:
         self.records.append(record)
 
 
-PIECES = [Piece("Hel"), Piece("lo"), Piece("", "stop", 12, 2)]
+def chat(text: str) -> GenerationRequest:
+    return GenerationRequest("m", messages=[("system", "be nice"), ("user", text)])
+
+
+async def collect(gateway: Gateway, request: GenerationRequest) -> list[Piece]:
+    return [p async for p in gateway.generate(CALLER, request)]
 
 
 async def test_generation_publishes_one_usage_record() -> None:
     sink = RecordingSink()
-    gateway = Gateway(ScriptedInference(PIECES), KeywordModeration(), sink)
-    pieces = [p async for p in gateway.generate(CALLER, GenerationRequest("m", messages=[("user", "hi")]))]
+    gateway = Gateway(ScriptedInference(["Hel", "lo"]), RuleModeration(), sink, output_window_chars=0)
+    pieces = await collect(gateway, chat("hi"))
     assert "".join(p.text for p in pieces) == "Hello"
     (record,) = sink.records
     assert (record.request_id, record.tenant_id, record.key_id) == ("req-1", "tenant-1", "key-1")
     assert (record.prompt_tokens, record.completion_tokens, record.finish_reason) == (12, 2, "stop")
 
 
-async def test_flagged_input_never_reaches_inference() -> None:
-    inference, sink = ScriptedInference(PIECES), RecordingSink()
-    gateway = Gateway(inference, KeywordModeration(), sink)
-    request = GenerationRequest("m", messages=[("system", "ok"), ("user", "my secret plan")])
-    with pytest.raises(InvalidArgument, match="blocklist"):
-        [p async for p in gateway.generate(CALLER, request)]
-    assert inference.calls == 0
-    assert sink.records == []
+async def test_blocked_input_never_reaches_inference() -> None:
+    inference, sink = ScriptedInference(["x"]), RecordingSink()
+    gateway = Gateway(inference, RuleModeration(), sink)
+    with pytest.raises(InvalidArgument, match=r"blocklist \(term\)"):
+        await collect(gateway, chat("my secret plan"))
+    assert inference.requests == [] and sink.records == []
 
 
-async def test_abandoned_stream_publishes_nothing_yet() -> None:
+async def test_redacted_input_is_what_inference_sees() -> None:
+    inference = ScriptedInference(["ok"])
+    gateway = Gateway(inference, RuleModeration(), RecordingSink())
+    await collect(gateway, chat("write to mail@x.org"))
+    assert inference.requests[0].messages == [("system", "be nice"), ("user", "write to [EMAIL]")]
+
+
+async def test_blocked_output_ends_with_content_filter_and_is_billed() -> None:
     sink = RecordingSink()
-    gateway = Gateway(ScriptedInference(PIECES), KeywordModeration(), sink)
-    stream = gateway.generate(CALLER, GenerationRequest("m", prompt="hi"))
-    assert (await anext(stream)).text == "Hel"
+    texts = ["Once upon ", "a time ", "something ", "evil ", "happened ", "there."]
+    gateway = Gateway(ScriptedInference(texts), RuleModeration(), sink, output_window_chars=8)
+    pieces = await collect(gateway, chat("tell a story"))
+    sent = "".join(p.text for p in pieces)
+    assert "evil" not in sent and sent.startswith("Once upon")
+    assert pieces[-1].finish_reason == "content_filter"
+    (record,) = sink.records
+    # Billed for what inference had generated when the window was checked.
+    assert record.finish_reason == "content_filter" and 4 <= record.completion_tokens <= len(texts)
+
+
+async def test_cancelled_stream_bills_the_tokens_made() -> None:
+    sink = RecordingSink()
+    gateway = Gateway(ScriptedInference(["a ", "b ", "c "]), RuleModeration(), sink, output_window_chars=0)
+    stream = gateway.generate(CALLER, chat("hi"))
+    assert (await anext(stream)).text == "a "
+    assert (await anext(stream)).text == "b "
     await stream.aclose()
-    assert sink.records == []
+    (record,) = sink.records
+    assert (record.finish_reason, record.completion_tokens) == ("cancelled", 2)

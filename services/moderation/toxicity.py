@@ -1,0 +1,71 @@
+"""The learned part of moderation: a multi-label logistic regression over
+hashed word and character n-grams, trained in-repo by
+`python -m services.moderation.training.train` from the sentences in
+`training/toxicity_train.py`. Small and fast enough to sit on every request
+(tens of microseconds per text); its quality is measured by
+`bench/moderation_eval.py` and written in the README."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from services.moderation.spans import TOXIC_CATEGORIES
+
+MODEL_FILE = Path(__file__).with_name("toxicity_model.json")
+BUCKETS = 1 << 18
+WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def features(text: str) -> dict[int, float]:
+    """Bag of hashed features, L2-normalised: words, word pairs and character
+    3-grams inside words (which carry across inflections and typos)."""
+    words = WORD.findall(text.lower())
+    grams = [f"w:{w}" for w in words]
+    grams += [f"b:{a} {b}" for a, b in itertools.pairwise(words)]
+    for w in words:
+        padded = f"<{w}>"
+        grams += [f"c:{padded[i : i + 3]}" for i in range(len(padded) - 2)]
+    counts: dict[int, float] = {}
+    for gram in grams:
+        bucket = zlib.crc32(gram.encode()) % BUCKETS
+        counts[bucket] = counts.get(bucket, 0.0) + 1.0
+    norm = math.sqrt(sum(v * v for v in counts.values())) or 1.0
+    return {k: v / norm for k, v in counts.items()}
+
+
+@dataclass(frozen=True)
+class ToxicityModel:
+    categories: tuple[str, ...]
+    bias: np.ndarray
+    weights: dict[int, np.ndarray]
+
+    @classmethod
+    def load(cls, path: Path = MODEL_FILE) -> ToxicityModel:
+        raw = json.loads(path.read_text())
+        categories = tuple(raw["categories"])
+        if set(categories) != set(TOXIC_CATEGORIES):
+            raise ValueError(f"{path}: categories {categories} do not match {TOXIC_CATEGORIES}")
+        weights = {int(k): np.asarray(v, dtype=np.float32) for k, v in raw["weights"].items()}
+        return cls(categories, np.asarray(raw["bias"], dtype=np.float32), weights)
+
+    def scores(self, text: str) -> dict[str, float]:
+        logits = self.bias.copy()
+        zero = None
+        for bucket, value in features(text).items():
+            row = self.weights.get(bucket, zero)
+            if row is not None:
+                logits += value * row
+        probabilities = 1.0 / (1.0 + np.exp(-logits))
+        return {c: float(p) for c, p in zip(self.categories, probabilities, strict=True)}
+
+    def scores_all(self, texts: Sequence[str]) -> list[dict[str, float]]:
+        return [self.scores(t) for t in texts]

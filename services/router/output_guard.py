@@ -1,0 +1,54 @@
+"""Moderation of a model's output while it streams. Text is held back in
+windows (cut at whitespace, so a token such as an email address is never split
+between two checks) and released only after moderation has seen it: redacted
+if the policy says so, or not at all when it says block."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from services.router.domain import ModerationVerdict
+
+
+class ContentFiltered(Exception):
+    """The output was blocked; nothing of the offending window was sent."""
+
+    def __init__(self, reasons: tuple[str, ...]) -> None:
+        super().__init__(", ".join(reasons))
+        self.reasons = reasons
+
+
+Check = Callable[[str], Awaitable[ModerationVerdict]]
+
+
+class OutputGuard:
+    def __init__(self, check: Check, window_chars: int) -> None:
+        if window_chars < 2:
+            raise ValueError("window_chars must be at least 2")
+        self._check = check
+        self._window = window_chars
+        self._pending = ""
+
+    async def _release(self, text: str) -> str:
+        verdict = await self._check(text)
+        if verdict.action == "block":
+            raise ContentFiltered(verdict.reasons)
+        return verdict.redacted_text if verdict.action == "redact" else text
+
+    async def feed(self, text: str) -> str:
+        """The text that may be sent now (possibly empty)."""
+        self._pending += text
+        if len(self._pending) < self._window:
+            return ""
+        cut = max(self._pending.rfind(" ", self._window // 2), self._pending.rfind("\n", self._window // 2))
+        if cut < 0:
+            if len(self._pending) < 4 * self._window:
+                return ""
+            cut = len(self._pending)  # no whitespace for a long time: check what there is
+        window, self._pending = self._pending[:cut], self._pending[cut:]
+        return await self._release(window)
+
+    async def finish(self) -> str:
+        """Whatever is still held back, checked."""
+        window, self._pending = self._pending, ""
+        return await self._release(window) if window else ""

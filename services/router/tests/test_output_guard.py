@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from services.router.domain import ModerationVerdict
+from services.router.output_guard import ContentFiltered, OutputGuard
+
+checked: list[str] = []
+
+
+async def fake_check(text: str) -> ModerationVerdict:
+    """Blocks 'forbidden', redacts emails: enough to drive the guard."""
+    checked.append(text)
+    if "forbidden" in text:
+        return ModerationVerdict(True, {}, {}, "block", ("blocklist (term)",))
+    redacted = re.sub(r"\S+@\S+", "[EMAIL]", text)
+    return ModerationVerdict(redacted != text, {}, {}, "redact" if redacted != text else "allow", (), redacted)
+
+
+async def run(pieces: list[str], window: int = 16) -> str:
+    guard = OutputGuard(fake_check, window)
+    out = [await guard.feed(p) for p in pieces]
+    return "".join(out) + await guard.finish()
+
+
+async def test_text_passes_through_whole() -> None:
+    pieces = ["The quick ", "brown fox ", "jumps over ", "the lazy dog."]
+    assert await run(pieces) == "".join(pieces)
+
+
+async def test_nothing_is_released_before_it_is_checked() -> None:
+    checked.clear()
+    guard = OutputGuard(fake_check, 16)
+    released = await guard.feed("short")
+    assert released == "" and checked == []
+    released = await guard.feed(" text that is long enough")
+    assert released and all(released in c for c in checked[-1:])
+
+
+async def test_email_split_across_pieces_is_redacted_whole() -> None:
+    pieces = ["write to ", "bob.sm", "ith@exam", "ple.com ", "today please"]
+    text = await run(pieces, window=12)
+    assert "bob" not in text and "[EMAIL]" in text and text.endswith("today please")
+
+
+async def test_block_raises_and_withholds_the_window() -> None:
+    guard = OutputGuard(fake_check, 16)
+    sent = await guard.feed("a perfectly fine sentence ")
+    with pytest.raises(ContentFiltered) as blocked:
+        for piece in ["and then ", "something forbidden ", "appears here "]:
+            sent += await guard.feed(piece)
+        sent += await guard.finish()
+    assert "forbidden" not in sent
+    assert blocked.value.reasons == ("blocklist (term)",)
+
+
+async def test_long_text_without_spaces_is_still_checked() -> None:
+    checked.clear()
+    text = await run(["x" * 100], window=16)
+    assert text == "x" * 100 and checked
