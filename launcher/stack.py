@@ -168,7 +168,7 @@ class Stack:
         """The first process that exited, if any."""
         return next((p for p in self.processes if p.exited() is not None), None)
 
-    def stop(self, grace_s: float = 10.0) -> None:
+    def stop(self, grace_s: float = 40.0) -> None:
         for process in reversed(self.processes):
             process.stop(grace_s)
         self.processes.clear()

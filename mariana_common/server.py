@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 import grpc
@@ -81,8 +81,11 @@ def create_server(
     return Server(server, port, health_servicer, names)
 
 
-async def serve(server: Server, settings: ServiceSettings) -> None:
-    """Serves until SIGTERM or SIGINT; then stops accepting calls and gives
+async def serve(
+    server: Server, settings: ServiceSettings, before_stop: Callable[[], Awaitable[None]] | None = None
+) -> None:
+    """Serves until SIGTERM or SIGINT; then reports NOT_SERVING, runs
+    `before_stop` (a service's own drain), stops accepting calls and gives
     in-flight ones `shutdown_grace_s` to finish."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -94,6 +97,9 @@ async def serve(server: Server, settings: ServiceSettings) -> None:
     log.info("serving", address=f"{settings.host}:{server.port}")
     await stop.wait()
     log.info("draining", grace_s=settings.shutdown_grace_s)
+    await server.set_serving(False)
+    if before_stop is not None:
+        await before_stop()
     await server.stop(settings.shutdown_grace_s)
     log.info("stopped")
 

@@ -21,5 +21,5 @@ class ServiceSettings(BaseSettings):
     tls_key: Path = Field(..., description="PEM private key of this service.")
     tls_ca: Path = Field(..., description="PEM CA that signs every certificate in the mesh.")
     log_level: str = Field("info", description="debug, info, warning or error.")
-    shutdown_grace_s: float = Field(5.0, ge=0, description="Time in-flight calls get on SIGTERM.")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="Time in-flight calls get to finish on SIGTERM.")
     port_file: Path | None = Field(None, description="When set, the bound port is written here once serving.")

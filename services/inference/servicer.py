@@ -1,16 +1,19 @@
-"""gRPC adapter of the Engine: proto <-> domain, nothing else."""
+"""gRPC adapter of the served models: proto <-> domain, nothing else."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import grpc
 
 from mariana.common.v1.usage_pb2 import Usage
 from mariana.inference.v1 import inference_pb2 as pb
 from mariana.inference.v1 import inference_pb2_grpc as pb_grpc
+from mariana_common.errors import InvalidArgument, NotFound
 from mariana_common.server import Context, Registrar
+from services.inference.embedder import Embedder
 from services.inference.engine import Engine, GenerationInput, Sampling
+from services.inference.sampling import TokenLogprob
 
 SERVICE_NAME = "mariana.inference.v1.InferenceService"
 
@@ -21,46 +24,93 @@ def generation_input(request: pb.GenerateRequest) -> GenerationInput:
         max_tokens=s.max_tokens or None,
         temperature=s.temperature,
         top_p=s.top_p or 1.0,
+        top_k=s.top_k,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
         stop=tuple(s.stop),
         seed=s.seed if s.HasField("seed") else None,
+        logprobs=s.logprobs,
+        top_logprobs=s.top_logprobs,
     )
     if request.WhichOneof("input") == "messages":
         messages = [(m.role, m.content) for m in request.messages.items]
         return GenerationInput(request.model, messages=messages, sampling=sampling)
+    if request.WhichOneof("input") != "prompt":
+        raise InvalidArgument("a generate request needs messages or a prompt")
     return GenerationInput(request.model, prompt=request.prompt, sampling=sampling)
 
 
+def logprob_to_proto(engine: Engine, lp: TokenLogprob) -> pb.TokenLogprob:
+    return pb.TokenLogprob(
+        token=engine.token_text(lp.token),
+        logprob=lp.logprob,
+        top_logprobs=[pb.TopLogprob(token=engine.token_text(t), logprob=v) for t, v in lp.top],
+    )
+
+
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    def __init__(self, engines: Mapping[str, Engine], embedder: Embedder | None) -> None:
+        self._engines = engines
+        self._embedder = embedder
+
+    def _engine(self, model: str) -> Engine:
+        engine = self._engines.get(model)
+        if engine is None:
+            raise NotFound(f"model {model!r} is not served here; models: {', '.join(self._engines)}")
+        return engine
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> AsyncIterator[pb.GenerateResponse]:
-        async for delta in self._engine.generate(generation_input(request)):
+        engine = self._engine(request.model)
+        async for event in engine.generate(generation_input(request)):
             usage = Usage(
-                prompt_tokens=delta.prompt_tokens,
-                completion_tokens=delta.completion_tokens,
-                total_tokens=delta.prompt_tokens + delta.completion_tokens,
+                prompt_tokens=event.prompt_tokens,
+                completion_tokens=event.completion_tokens,
+                total_tokens=event.prompt_tokens + event.completion_tokens,
             )
-            yield pb.GenerateResponse(text=delta.text, finish_reason=delta.finish_reason or "", usage=usage)
+            yield pb.GenerateResponse(
+                text=event.text,
+                finish_reason=event.finish_reason or "",
+                usage=usage,
+                logprobs=[logprob_to_proto(engine, lp) for lp in event.logprobs],
+            )
 
     async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
-        vectors, tokens = await self._engine.embed(request.model, list(request.texts))
+        if self._embedder is None:
+            raise NotFound("no embedding model is served here")
+        vectors, tokens = await self._embedder.embed(request.model, list(request.texts))
         return pb.EmbedResponse(vectors=[pb.Vector(values=v) for v in vectors], prompt_tokens=tokens)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
-        card = self._engine.card()
-        info = pb.ModelInfo(
-            id=card.id,
-            backend=card.backend,
-            device=card.device,
-            context_length=card.context_length,
-            created=card.created,
-        )
-        return pb.ListModelsResponse(models=[info])
+        models = []
+        for engine in self._engines.values():
+            card = engine.card()
+            models.append(
+                pb.ModelInfo(
+                    id=card.id,
+                    backend=card.backend,
+                    device=card.device,
+                    context_length=card.context_length,
+                    created=card.created,
+                    kind="chat",
+                )
+            )
+        if self._embedder is not None:
+            e = self._embedder
+            models.append(
+                pb.ModelInfo(
+                    id=e.model_id,
+                    backend="torch",
+                    device="cpu",
+                    context_length=e.max_tokens,
+                    created=e.created,
+                    kind="embedding",
+                )
+            )
+        return pb.ListModelsResponse(models=models)
 
 
-def register(engine: Engine) -> Registrar:
+def register(engines: Mapping[str, Engine], embedder: Embedder | None) -> Registrar:
     def add(server: grpc.aio.Server) -> None:
-        pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(engine), server)
+        pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(engines, embedder), server)
 
     return add
