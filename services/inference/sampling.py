@@ -45,21 +45,7 @@ def apply_penalties(logits: torch.Tensor, counts: dict[int, int], params: Sampli
 
 def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """`logits` is one row over the vocabulary, penalties already applied."""
-    if params.temperature <= 0:
-        return int(torch.argmax(logits).item())
-    scaled = logits.float() / params.temperature
-    if params.top_k > 0 and params.top_k < scaled.shape[-1]:
-        kth = torch.topk(scaled, params.top_k).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
-    if 0 < params.top_p < 1:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cumulative = torch.cumsum(sorted_probs, dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (at least one token).
-        sorted_probs[cumulative - sorted_probs > params.top_p] = 0
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return int(order[choice].item())
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    return next_tokens(logits.unsqueeze(0), [params], [generator])[0]
 
 
 def logprob_of(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:

@@ -356,8 +356,8 @@ class Scheduler:
         """Records the token and tells the caller; True when the sequence is finished."""
         params = seq.params
         logprobs = (logprob_of(logits, token, params.top_logprobs),) if params.logprobs else ()
-        if token in self._eos and not params.ignore_eos:
-            return self._finish(seq, "stop", seq.detok.flush(), logprobs)
+        if token in self._eos and not params.ignore_eos:  # not part of the text, nor of logprobs
+            return self._finish(seq, "stop", seq.detok.flush(), ())
         seq.generated += 1
         seq.counts[token] = seq.counts.get(token, 0) + 1
         seq.text += seq.detok.add(token)

@@ -4,6 +4,7 @@ usage record per request, whether it completed, was filtered or was cut off."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
@@ -65,47 +66,102 @@ class Gateway:
 
         return OutputGuard(check, self._output_window_chars)
 
-    def _record(self, caller: Caller, model: str, piece: Piece, finish_reason: str) -> None:
+    def _record(self, caller: Caller, model: str, prompt_tokens: int, completion: int, finish_reason: str) -> None:
         self._usage.publish(
             UsageRecord(
                 request_id=caller.request_id,
                 tenant_id=caller.tenant_id,
                 key_id=caller.key_id,
                 model=model,
-                prompt_tokens=piece.prompt_tokens,
-                completion_tokens=piece.completion_tokens,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion,
                 finish_reason=finish_reason,
                 completed_at=time.time(),
             )
         )
 
-    async def generate(self, caller: Caller, request: GenerationRequest) -> AsyncIterator[Piece]:
-        request = await self._moderate_input(caller, request)
+    async def _choice(self, caller: Caller, request: GenerationRequest, index: int) -> AsyncIterator[Piece]:
+        """One choice: generation with its output moderated; ends with a finish reason."""
         guard = self._output_guard(caller)
-        last = Piece("")
-        recorded = False
+        last = Piece("", index=index)
         try:
             async for piece in self._inference.generate(request, caller.request_id):
-                last = piece
+                last = replace(piece, index=index)
                 text = await guard.feed(piece.text) if guard else piece.text
                 if piece.finish_reason is None:
-                    if text:
-                        yield replace(piece, text=text)
+                    if text or piece.logprobs:
+                        yield replace(last, text=text)
                     continue
                 if guard:
                     text += await guard.finish()
-                self._record(caller, request.model, piece, piece.finish_reason)
-                recorded = True
-                yield replace(piece, text=text)
+                yield replace(last, text=text)
+                return
         except ContentFiltered:
-            self._record(caller, request.model, last, CONTENT_FILTER)
-            recorded = True
-            yield replace(last, text="", finish_reason=CONTENT_FILTER)
+            yield replace(last, text="", logprobs=(), finish_reason=CONTENT_FILTER)
+
+    async def generate(self, caller: Caller, request: GenerationRequest, n: int = 1) -> AsyncIterator[Piece]:
+        """Pieces of every choice as they come (each with its index); one usage
+        record for the request: the prompt once, the completions summed."""
+        request = await self._moderate_input(caller, request)
+        latest: dict[int, Piece] = {}
+        recorded = False
+        first_finish = "stop"
+
+        def record(finish_reason: str) -> None:
+            nonlocal recorded
+            if not recorded:
+                recorded = True
+                prompt = max((p.prompt_tokens for p in latest.values()), default=0)
+                self._record(
+                    caller, request.model, prompt, sum(p.completion_tokens for p in latest.values()), finish_reason
+                )
+
+        try:
+            async for piece in self._merged(caller, request, n):
+                latest[piece.index] = piece
+                if piece.finish_reason is not None and piece.index == 0:
+                    first_finish = piece.finish_reason
+                if len([p for p in latest.values() if p.finish_reason]) == n:
+                    record(first_finish)
+                yield piece
         finally:
             # The caller went away (or inference failed) after tokens were made:
             # they were generated, so they are billed.
-            if not recorded and last.completion_tokens:
-                self._record(caller, request.model, last, CANCELLED)
+            if not recorded and any(p.completion_tokens for p in latest.values()):
+                record(CANCELLED)
+
+    async def _merged(self, caller: Caller, request: GenerationRequest, n: int) -> AsyncIterator[Piece]:
+        if n == 1:
+            async for piece in self._choice(caller, request, 0):
+                yield piece
+            return
+        queue: asyncio.Queue[Piece | BaseException | None] = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            seed = request.sampling.seed
+            choice = replace(request, sampling=replace(request.sampling, seed=None if seed is None else seed + index))
+            try:
+                async for piece in self._choice(caller, choice, index):
+                    await queue.put(piece)
+                await queue.put(None)
+            except Exception as error:  # noqa: BLE001 - handed to the consumer, raised there
+                await queue.put(error)
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+        try:
+            done = 0
+            while done < n:
+                item = await queue.get()
+                if item is None:
+                    done += 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def embed(self, caller: Caller, model: str, texts: Sequence[str]) -> tuple[list[list[float]], int]:
         return await self._inference.embed(model, texts, caller.request_id)

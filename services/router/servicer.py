@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 
@@ -33,22 +34,31 @@ def caller_of(context: Context) -> Caller:
     return Caller(tenant, key_id, headers.get("x-request-id") or uuid.uuid4().hex)
 
 
+MAX_CHOICES = 8
+
+
 def sampling_of(
-    max_tokens: int | None, temperature: float | None, top_p: float | None, stop: list[str], seed: int | None
+    request: pb.CreateChatCompletionRequest | pb.CreateCompletionRequest, max_tokens: int | None
 ) -> Sampling:
+    """The sampling fields both completion APIs share."""
     if max_tokens is not None and max_tokens < 1:
         raise InvalidArgument("max_tokens must be at least 1")
     return Sampling(
         max_tokens=max_tokens,
-        temperature=1.0 if temperature is None else temperature,
-        top_p=1.0 if top_p is None else top_p,
-        stop=tuple(stop),
-        seed=seed,
+        temperature=request.temperature if request.HasField("temperature") else 1.0,
+        top_p=request.top_p if request.HasField("top_p") else 1.0,
+        stop=tuple(string_list(request.stop, "stop", max_items=4)),
+        seed=request.seed if request.HasField("seed") else None,
+        presence_penalty=request.presence_penalty if request.HasField("presence_penalty") else 0.0,
+        frequency_penalty=request.frequency_penalty if request.HasField("frequency_penalty") else 0.0,
     )
 
 
-def _opt(message: object, name: str) -> object | None:
-    return getattr(message, name) if message.HasField(name) else None  # type: ignore[attr-defined]
+def choices_of(request: pb.CreateChatCompletionRequest | pb.CreateCompletionRequest) -> int:
+    n = request.n if request.HasField("n") else 1
+    if not 1 <= n <= MAX_CHOICES:
+        raise InvalidArgument(f"n must be between 1 and {MAX_CHOICES}")
+    return n
 
 
 def chat_request(request: pb.CreateChatCompletionRequest) -> GenerationRequest:
@@ -56,10 +66,8 @@ def chat_request(request: pb.CreateChatCompletionRequest) -> GenerationRequest:
         raise InvalidArgument("model is required")
     if not request.messages:
         raise InvalidArgument("messages must not be empty")
-    if request.HasField("n") and request.n != 1:
-        raise InvalidArgument("n must be 1; several choices per request are not supported yet")
-    if request.HasField("logprobs") and request.logprobs:
-        raise InvalidArgument("logprobs are not supported yet")
+    if request.HasField("top_logprobs") and not request.logprobs:
+        raise InvalidArgument("top_logprobs needs logprobs: true")
     messages = []
     for i, m in enumerate(request.messages):
         if m.role not in ROLES:
@@ -68,22 +76,35 @@ def chat_request(request: pb.CreateChatCompletionRequest) -> GenerationRequest:
     max_tokens = request.max_completion_tokens if request.HasField("max_completion_tokens") else None
     if max_tokens is None and request.HasField("max_tokens"):
         max_tokens = request.max_tokens
-    sampling = sampling_of(
-        max_tokens,
-        request.temperature if request.HasField("temperature") else None,
-        request.top_p if request.HasField("top_p") else None,
-        string_list(request.stop, "stop", max_items=4),
-        request.seed if request.HasField("seed") else None,
+    sampling = replace(
+        sampling_of(request, max_tokens),
+        logprobs=request.logprobs,
+        top_logprobs=request.top_logprobs if request.HasField("top_logprobs") else 0,
     )
     return GenerationRequest(request.model, messages=messages, sampling=sampling)
 
 
-def usage_of(piece: Piece) -> Usage:
-    return Usage(
-        prompt_tokens=piece.prompt_tokens,
-        completion_tokens=piece.completion_tokens,
-        total_tokens=piece.prompt_tokens + piece.completion_tokens,
+def logprobs_of(pieces: list[Piece]) -> pb.ChoiceLogprobs:
+    return pb.ChoiceLogprobs(
+        content=[
+            pb.TokenLogprob(
+                token=lp.token,
+                logprob=lp.logprob,
+                bytes=list(lp.token.encode()),
+                top_logprobs=[pb.TopLogprob(token=t, logprob=v, bytes=list(t.encode())) for t, v in lp.top],
+            )
+            for piece in pieces
+            for lp in piece.logprobs
+        ]
     )
+
+
+def total_usage(pieces: dict[int, list[Piece]]) -> Usage:
+    """The prompt once and every choice's completion, as OpenAI counts n > 1."""
+    last = [parts[-1] for parts in pieces.values() if parts]
+    prompt = max((p.prompt_tokens for p in last), default=0)
+    completion = sum(p.completion_tokens for p in last)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 class LlmServicer(pb_grpc.LlmServiceServicer):
@@ -96,31 +117,34 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
         caller = caller_of(context)
         if request.stream:
             raise InvalidArgument("stream=true is served by StreamChatCompletion")
-        generation = chat_request(request)
-        parts, last = [], Piece("")
-        async for piece in self._gateway.generate(caller, generation):
-            parts.append(piece.text)
-            last = piece
+        generation, n = chat_request(request), choices_of(request)
+        pieces: dict[int, list[Piece]] = {i: [] for i in range(n)}
+        async for piece in self._gateway.generate(caller, generation, n):
+            pieces[piece.index].append(piece)
+        choices = []
+        for index, parts in pieces.items():
+            choice = pb.ChatChoice(
+                index=index,
+                message=pb.AssistantMessage(role="assistant", content="".join(p.text for p in parts)),
+                finish_reason=parts[-1].finish_reason or "stop",
+            )
+            if request.logprobs:
+                choice.logprobs.CopyFrom(logprobs_of(parts))
+            choices.append(choice)
         return pb.ChatCompletion(
             id=f"chatcmpl-{caller.request_id}",
             object="chat.completion",
             created=int(time.time()),
             model=request.model,
-            choices=[
-                pb.ChatChoice(
-                    index=0,
-                    message=pb.AssistantMessage(role="assistant", content="".join(parts)),
-                    finish_reason=last.finish_reason or "stop",
-                )
-            ],
-            usage=usage_of(last),
+            choices=choices,
+            usage=total_usage(pieces),
         )
 
     async def StreamChatCompletion(
         self, request: pb.CreateChatCompletionRequest, context: Context
     ) -> AsyncIterator[pb.ChatCompletionChunk]:
         caller = caller_of(context)
-        generation = chat_request(request)
+        generation, n = chat_request(request), choices_of(request)
         include_usage = request.stream_options.include_usage
         created = int(time.time())
 
@@ -134,21 +158,28 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
                 usage=usage,
             )
 
-        pieces = self._gateway.generate(caller, generation)
+        pieces = self._gateway.generate(caller, generation, n)
         # The first piece is awaited before anything is sent, so a refusal
-        # (moderation, bad model) is a clean status, not a broken stream.
-        first = await anext(pieces)
-        yield chunk([pb.ChatChunkChoice(index=0, delta=pb.ChatDelta(role="assistant", content=""))])
-        piece = first
+        # (moderation, bad model, overload) is a clean status, not a broken stream.
+        piece = await anext(pieces)
+        for index in range(n):
+            yield chunk([pb.ChatChunkChoice(index=index, delta=pb.ChatDelta(role="assistant", content=""))])
+        latest: dict[int, list[Piece]] = {}
         while True:
+            latest[piece.index] = [piece]
+            choice = pb.ChatChunkChoice(index=piece.index, delta=pb.ChatDelta())
             if piece.text:
-                yield chunk([pb.ChatChunkChoice(index=0, delta=pb.ChatDelta(content=piece.text))])
+                choice.delta.content = piece.text
+            if piece.logprobs:
+                choice.logprobs.CopyFrom(logprobs_of([piece]))
             if piece.finish_reason is not None:
-                yield chunk([pb.ChatChunkChoice(index=0, delta=pb.ChatDelta(), finish_reason=piece.finish_reason)])
-                if include_usage:
-                    yield chunk([], usage_of(piece))
-                return
-            piece = await anext(pieces)
+                choice.finish_reason = piece.finish_reason
+            yield chunk([choice])
+            piece = await anext(pieces, None)  # type: ignore[arg-type]
+            if piece is None:
+                break
+        if include_usage:
+            yield chunk([], total_usage(latest))
 
     async def CreateCompletion(self, request: pb.CreateCompletionRequest, context: Context) -> pb.Completion:
         caller = caller_of(context)
@@ -156,30 +187,30 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
             raise InvalidArgument("stream=true is not supported on /v1/completions yet; use chat completions")
         if not request.model:
             raise InvalidArgument("model is required")
-        if request.HasField("n") and request.n != 1:
-            raise InvalidArgument("n must be 1")
         prompts = string_list(request.prompt, "prompt")
         if len(prompts) != 1:
             raise InvalidArgument("prompt must be one string")
-        sampling = sampling_of(
-            request.max_tokens if request.HasField("max_tokens") else None,
-            request.temperature if request.HasField("temperature") else None,
-            request.top_p if request.HasField("top_p") else None,
-            string_list(request.stop, "stop", max_items=4),
-            request.seed if request.HasField("seed") else None,
-        )
+        n = choices_of(request)
+        sampling = sampling_of(request, request.max_tokens if request.HasField("max_tokens") else None)
         generation = GenerationRequest(request.model, prompt=prompts[0], sampling=sampling)
-        parts, last = [prompts[0]] if request.echo else [], Piece("")
-        async for piece in self._gateway.generate(caller, generation):
-            parts.append(piece.text)
-            last = piece
+        pieces: dict[int, list[Piece]] = {i: [] for i in range(n)}
+        async for piece in self._gateway.generate(caller, generation, n):
+            pieces[piece.index].append(piece)
+        echo = prompts[0] if request.echo else ""
         return pb.Completion(
             id=f"cmpl-{caller.request_id}",
             object="text_completion",
             created=int(time.time()),
             model=request.model,
-            choices=[pb.CompletionChoice(index=0, text="".join(parts), finish_reason=last.finish_reason or "stop")],
-            usage=usage_of(last),
+            choices=[
+                pb.CompletionChoice(
+                    index=i,
+                    text=echo + "".join(p.text for p in parts),
+                    finish_reason=parts[-1].finish_reason or "stop",
+                )
+                for i, parts in pieces.items()
+            ],
+            usage=total_usage(pieces),
         )
 
     async def CreateEmbedding(self, request: pb.CreateEmbeddingRequest, context: Context) -> pb.CreateEmbeddingResponse:

@@ -13,7 +13,14 @@ from mariana.inference.v1 import inference_pb2_grpc as inf_grpc
 from mariana.moderation.v1 import moderation_pb2 as mod
 from mariana.moderation.v1 import moderation_pb2_grpc as mod_grpc
 from mariana_common.interceptors import error_from_status
-from services.router.domain import Direction, GenerationRequest, ModelEntry, ModerationVerdict, Piece
+from services.router.domain import (
+    Direction,
+    GenerationRequest,
+    ModelEntry,
+    ModerationVerdict,
+    Piece,
+    TokenLogprob,
+)
 
 DIRECTIONS = {"input": mod.DIRECTION_INPUT, "output": mod.DIRECTION_OUTPUT}
 ACTIONS = {mod.ACTION_ALLOW: "allow", mod.ACTION_FLAG: "flag", mod.ACTION_REDACT: "redact", mod.ACTION_BLOCK: "block"}
@@ -44,7 +51,14 @@ def _metadata(request_id: str) -> tuple[tuple[str, str], ...]:
 def generate_request(request: GenerationRequest, request_id: str) -> inf.GenerateRequest:
     s = request.sampling
     sampling = inf.SamplingParams(
-        max_tokens=s.max_tokens or 0, temperature=s.temperature, top_p=s.top_p, stop=list(s.stop)
+        max_tokens=s.max_tokens or 0,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        stop=list(s.stop),
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        logprobs=s.logprobs,
+        top_logprobs=s.top_logprobs,
     )
     if s.seed is not None:
         sampling.seed = s.seed
@@ -67,8 +81,16 @@ class GrpcInference:
         )
         try:
             async for reply in call:
+                logprobs = tuple(
+                    TokenLogprob(lp.token, lp.logprob, tuple((t.token, t.logprob) for t in lp.top_logprobs))
+                    for lp in reply.logprobs
+                )
                 yield Piece(
-                    reply.text, reply.finish_reason or None, reply.usage.prompt_tokens, reply.usage.completion_tokens
+                    reply.text,
+                    reply.finish_reason or None,
+                    reply.usage.prompt_tokens,
+                    reply.usage.completion_tokens,
+                    logprobs,
                 )
         except grpc.aio.AioRpcError as error:
             raise error_from_status(error.code(), error.details() or "") from error

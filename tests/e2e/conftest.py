@@ -21,6 +21,7 @@ from launcher.stack import Stack
 from mesh.plan import Plan, free_port
 
 MODEL = "smollm2-135m-instruct"
+EMBEDDER = "all-minilm-l6-v2"
 
 
 @dataclass(frozen=True)

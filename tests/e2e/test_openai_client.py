@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import MODEL, Platform, TenantKey, create_key_with_cli
+from tests.e2e.conftest import EMBEDDER, MODEL, Platform, TenantKey, create_key_with_cli
 from tests.e2e.ledger import ledger_entries, wait_for_ledger
 
 pytestmark = pytest.mark.e2e
@@ -17,8 +17,24 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def test_models_list(client: openai.OpenAI) -> None:
-    (model,) = [m for m in client.models.list() if m.id == MODEL]
-    assert model.object == "model" and model.created > 1_700_000_000
+    models = {m.id: m for m in client.models.list()}
+    assert set(models) == {MODEL, EMBEDDER}
+    assert models[MODEL].object == "model" and models[MODEL].created > 1_700_000_000
+
+
+def test_several_choices_and_logprobs(client: openai.OpenAI, platform: Platform, tenant_key: TenantKey) -> None:
+    reply = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=6, temperature=1.0, seed=11, n=3, logprobs=True, top_logprobs=2
+    )
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    for choice in reply.choices:
+        assert choice.logprobs is not None and choice.logprobs.content
+        for entry in choice.logprobs.content:
+            assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens == sum(len(c.logprobs.content) for c in reply.choices)  # type: ignore[union-attr]
+    (entry,) = wait_for_ledger(platform, tenant_key.tenant_id, [reply.id.removeprefix("chatcmpl-")])
+    assert (entry.prompt_tokens, entry.completion_tokens) == (reply.usage.prompt_tokens, reply.usage.completion_tokens)
 
 
 def test_every_completed_request_has_exactly_one_ledger_row(platform: Platform) -> None:
@@ -98,10 +114,10 @@ def test_completion_and_stop(client: openai.OpenAI) -> None:
 
 
 def test_embeddings_float_and_base64(client: openai.OpenAI) -> None:
-    as_base64 = client.embeddings.create(model=MODEL, input=["hello world", "goodbye"])  # SDK default: base64
-    as_float = client.embeddings.create(model=MODEL, input="hello world", encoding_format="float")
+    as_base64 = client.embeddings.create(model=EMBEDDER, input=["hello world", "goodbye"])  # SDK default: base64
+    as_float = client.embeddings.create(model=EMBEDDER, input="hello world", encoding_format="float")
     assert len(as_base64.data) == 2 and as_base64.data[1].index == 1
-    assert len(as_base64.data[0].embedding) == len(as_float.data[0].embedding) > 100
+    assert len(as_base64.data[0].embedding) == len(as_float.data[0].embedding) == 384
     assert as_base64.data[0].embedding == pytest.approx(as_float.data[0].embedding, abs=1e-6)
     assert as_base64.usage.prompt_tokens > 0
 
@@ -164,7 +180,7 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
     [
         {"model": MODEL, "messages": []},
         {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 7},
-        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 3},
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 9},
         {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]},
     ],
 )

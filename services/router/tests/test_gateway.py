@@ -15,6 +15,7 @@ from services.router.domain import (
     ModelEntry,
     ModerationVerdict,
     Piece,
+    Sampling,
     UsageRecord,
 )
 from services.router.gateway import Gateway
@@ -128,3 +129,22 @@ async def test_cancelled_stream_bills_the_tokens_made() -> None:
     await stream.aclose()
     (record,) = sink.records
     assert (record.finish_reason, record.completion_tokens) == ("cancelled", 2)
+
+
+async def test_several_choices_are_billed_once_with_completions_summed() -> None:
+    sink = RecordingSink()
+    gateway = Gateway(ScriptedInference(["a ", "b ", "c "]), RuleModeration(), sink, output_window_chars=0)
+    pieces = [p async for p in gateway.generate(CALLER, chat("hi"), n=3)]
+    by_choice = {i: "".join(p.text for p in pieces if p.index == i) for i in range(3)}
+    assert by_choice == {0: "a b c ", 1: "a b c ", 2: "a b c "}
+    assert [p.finish_reason for p in pieces if p.finish_reason] == ["stop"] * 3
+    (record,) = sink.records
+    assert (record.prompt_tokens, record.completion_tokens) == (12, 9)
+
+
+async def test_several_choices_get_distinct_seeds() -> None:
+    inference = ScriptedInference(["x"])
+    gateway = Gateway(inference, RuleModeration(), RecordingSink(), output_window_chars=0)
+    request = GenerationRequest("m", prompt="hi", sampling=Sampling(seed=7))
+    [p async for p in gateway.generate(CALLER, request, n=3)]
+    assert sorted(r.sampling.seed for r in inference.requests) == [7, 8, 9]  # type: ignore[type-var]

@@ -75,7 +75,7 @@ def test_chat_request_maps_openai_fields() -> None:
         ({"messages": [{"role": "user", "content": "x"}]}, "model"),
         ({"model": "m", "messages": []}, "messages"),
         ({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, "role"),
-        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}, "n must be 1"),
+        ({"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs needs"),
         ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
     ],
 )
