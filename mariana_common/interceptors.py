@@ -50,10 +50,11 @@ def trace_id_from(metadata: Any) -> str:
 async def _abort_for(exc: BaseException, context: Context) -> None:
     if isinstance(exc, errors.MarianaError):
         code = status_for(exc)
+        trailers: tuple[tuple[str, str], ...] = ()
         if isinstance(exc, errors.ResourceExhausted) and exc.retry_after_s is not None:
-            context.set_trailing_metadata((("retry-after", str(max(1, round(exc.retry_after_s)))),))
+            trailers = (("retry-after", str(max(1, round(exc.retry_after_s)))),)
         log.info("call refused", code=code.name, reason=str(exc))
-        await context.abort(code, str(exc))
+        await context.abort(code, str(exc), trailing_metadata=trailers)
     log.exception("call failed")
     trace_id = structlog.contextvars.get_contextvars().get("trace_id", "")
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error (trace id {trace_id})")
@@ -121,11 +122,17 @@ class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
 _ERROR_BY_STATUS = {code: error for error, code in STATUS_BY_ERROR.items()}
 
 
-def error_from_status(code: grpc.StatusCode, message: str) -> errors.MarianaError:
+def error_from_rpc(error: grpc.aio.AioRpcError) -> errors.MarianaError:
     """The domain error for a status an upstream returned, so a caller's own
-    interceptor passes it on with the same code. Unmapped codes (INTERNAL,
-    UNKNOWN, ...) mean the upstream is broken: UNAVAILABLE to our caller."""
+    interceptor passes it on with the same code (and retry hint). Unmapped
+    codes (INTERNAL, UNKNOWN, ...) mean the upstream is broken: UNAVAILABLE to
+    our caller."""
+    code, message = error.code(), error.details() or ""
     error_type = _ERROR_BY_STATUS.get(code)
     if error_type is None:
         return errors.Unavailable(f"upstream failed: {code.name}: {message}")
+    if error_type is errors.ResourceExhausted:
+        trailers: Any = error.trailing_metadata() or ()
+        hint = dict(trailers).get("retry-after")
+        return errors.ResourceExhausted(message, float(hint) if isinstance(hint, str) and hint.isdigit() else None)
     return error_type(message)

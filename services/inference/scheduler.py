@@ -15,6 +15,7 @@ import asyncio
 import collections
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,9 @@ class Limits:
     max_waiting: int = 128
     kv_budget_tokens: int = 65_536
     prefill_chunk: int = 512
+    # When work arrives at an idle engine, wait this long for more of the burst,
+    # so requests sent together are prefilled together.
+    coalesce_s: float = 0.005
 
 
 @dataclass(frozen=True)
@@ -168,8 +172,12 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cv:
+                idle = not (self._prefilling or self._running)
                 while not (self._stopping or self._waiting or self._prefilling or self._running):
                     self._cv.wait()
+            if idle and self.limits.coalesce_s:
+                time.sleep(self.limits.coalesce_s)
+            with self._cv:
                 if self._stopping:
                     for seq in [*self._waiting, *self._prefilling, *self._running]:
                         seq.deliver(Unavailable("the inference service is shutting down"))

@@ -12,7 +12,7 @@ from mariana.inference.v1 import inference_pb2 as inf
 from mariana.inference.v1 import inference_pb2_grpc as inf_grpc
 from mariana.moderation.v1 import moderation_pb2 as mod
 from mariana.moderation.v1 import moderation_pb2_grpc as mod_grpc
-from mariana_common.interceptors import error_from_status
+from mariana_common.interceptors import error_from_rpc
 from services.router.domain import (
     Direction,
     GenerationRequest,
@@ -93,7 +93,7 @@ class GrpcInference:
                     logprobs,
                 )
         except grpc.aio.AioRpcError as error:
-            raise error_from_status(error.code(), error.details() or "") from error
+            raise error_from_rpc(error) from error
         finally:
             call.cancel()  # a no-op when done; frees inference when our caller went away
 
@@ -105,14 +105,14 @@ class GrpcInference:
                 metadata=_metadata(request_id),
             )
         except grpc.aio.AioRpcError as error:
-            raise error_from_status(error.code(), error.details() or "") from error
+            raise error_from_rpc(error) from error
         return [list(v.values) for v in reply.vectors], reply.prompt_tokens
 
     async def models(self) -> list[ModelEntry]:
         try:
             reply = await self._stub.ListModels(inf.ListModelsRequest(), timeout=self._timeout_s)
         except grpc.aio.AioRpcError as error:
-            raise error_from_status(error.code(), error.details() or "") from error
+            raise error_from_rpc(error) from error
         return [ModelEntry(m.id, m.created) for m in reply.models]
 
 
@@ -128,5 +128,5 @@ class GrpcModeration:
         try:
             reply = await self._stub.Check(request, timeout=self._timeout_s, metadata=_metadata(request_id))
         except grpc.aio.AioRpcError as error:
-            raise error_from_status(error.code(), error.details() or "") from error
+            raise error_from_rpc(error) from error
         return [verdict_of(r) for r in reply.results]

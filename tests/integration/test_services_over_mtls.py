@@ -240,3 +240,28 @@ async def test_router_moderates_output_through_the_real_service(moderation: Serv
         pieces = [p async for p in blocked.generate(caller, GenerationRequest("m", messages=[("user", "hi")]))]
         assert pieces[-1].finish_reason == "content_filter"
         assert "bomb" not in "".join(p.text for p in pieces)
+
+
+async def test_retry_hint_crosses_a_hop(pki: dict[str, CertFiles]) -> None:
+    """RESOURCE_EXHAUSTED keeps its retry-after from service to service."""
+    from mariana_common.errors import ResourceExhausted
+    from mariana_common.interceptors import error_from_rpc
+
+    class Full(moderation_pb2_grpc.ModerationServiceServicer):
+        async def Check(self, request: moderation_pb2.CheckRequest, context: object) -> moderation_pb2.CheckResponse:
+            raise ResourceExhausted("queue full", retry_after_s=3)
+
+    def register(server: grpc.aio.Server) -> None:
+        moderation_pb2_grpc.add_ModerationServiceServicer_to_server(Full(), server)
+
+    server = create_server(settings_for(pki["moderation"]), register, ["m"])
+    await server.start()
+    try:
+        async with grpc.aio.secure_channel(f"127.0.0.1:{server.port}", credentials(pki["router"])) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await moderation_pb2_grpc.ModerationServiceStub(channel).Check(moderation_pb2.CheckRequest())
+    finally:
+        await server.stop(0)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    passed_on = error_from_rpc(error.value)
+    assert isinstance(passed_on, ResourceExhausted) and passed_on.retry_after_s == 3
