@@ -25,10 +25,15 @@ $(STAMP): requirements.txt
 	$(PY) -c "import site, pathlib; pathlib.Path(site.getsitepackages()[0], 'mariana-dev.pth').write_text('$(CURDIR)\n$(CURDIR)/gen\n')"
 	touch $@
 
+# redis-server for the platform; PostgreSQL for the tests that run the stores on it.
 system-packages:
-	@command -v redis-server >/dev/null || { \
-		echo "[setup] installing redis-server with apt ..."; \
-		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q redis-server; }
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	{ command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+		echo "[setup] installing$$missing with apt ..."; \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $$missing; \
+	fi
 
 protos: $(STAMP)
 	$(PY) tools/genproto.py

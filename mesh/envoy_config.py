@@ -93,10 +93,11 @@ from envoy_data_plane.google.protobuf import Any, Struct, Value
 
 from mesh.plan import ENVOY_IDENTITY, Plan
 from mesh.topology import EDGE, Service
+from services.auth.ext_authz import IDENTITY_HEADERS
 
 LLM_SERVICE = "mariana.llm.v1.LlmService"
+AUTH_ADMIN_SERVICE = "mariana.auth.v1.AuthAdminService"
 ADMIN_GRPC_PREFIXES = {"auth": "/mariana.auth.v1.AuthAdminService/", "billing": "/mariana.billing.v1.BillingService/"}
-IDENTITY_HEADERS = ("x-mariana-tenant", "x-mariana-key-id")
 CHAT_PATH = "/v1/chat/completions"
 CHAT_STREAM_PATH = CHAT_PATH + ":stream"
 TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
@@ -243,7 +244,7 @@ def cluster(plan: Plan, name: str, service: Service) -> Cluster:
 def _transcoder(plan: Plan, *, sse: bool) -> GrpcJsonTranscoder:
     return GrpcJsonTranscoder(
         proto_descriptor=str(plan.descriptor_set.resolve()),
-        services=[LLM_SERVICE],
+        services=[LLM_SERVICE, AUTH_ADMIN_SERVICE],
         convert_grpc_status=True,
         print_options=GrpcJsonTranscoderPrintOptions(
             preserve_proto_field_names=True,

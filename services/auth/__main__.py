@@ -4,13 +4,18 @@ import secrets
 from pathlib import Path
 
 import grpc
+import redis.asyncio as redis
 
 from mariana_common.logs import configure_logging
 from mariana_common.server import create_server, run, serve
+from mariana_common.sql import Database, database_url
 from services.auth import admin_servicer, ext_authz
 from services.auth.authorizer import Authorizer
-from services.auth.keys import KeyStore
+from services.auth.jwt_tokens import JwtVerifier
+from services.auth.rate_limit import RateLimiter
 from services.auth.settings import AuthSettings
+from services.auth.store import KeyStore
+from services.billing.events import UsageStreamSettings
 
 
 def load_pepper(path: Path) -> bytes:
@@ -24,19 +29,28 @@ def load_pepper(path: Path) -> bytes:
 async def main() -> None:
     settings = AuthSettings()  # type: ignore[call-arg]
     configure_logging("auth", settings.log_level)
-    store = KeyStore(settings.db_path, load_pepper(settings.pepper_file))
-    master = settings.master_key.get_secret_value() if settings.master_key else None
-    authorizer = Authorizer(store, master, settings.cache_ttl_s)
+    db = Database(database_url(settings.database))
+    store = KeyStore(db, load_pepper(settings.pepper_file))
+    client = redis.Redis.from_url(UsageStreamSettings().redis_url, socket_timeout=0.5)
+    authorizer = Authorizer(
+        store,
+        settings.master_key.get_secret_value() if settings.master_key else None,
+        jwt=JwtVerifier(settings.jwt_issuers) if settings.jwt_issuers else None,
+        limiter=RateLimiter(client),
+        fail_open=settings.rate_limit_failure == "open",
+        cache_ttl_s=settings.cache_ttl_s,
+    )
 
     def register_all(server: grpc.aio.Server) -> None:
         ext_authz.register(ext_authz.ExtAuthz(authorizer))(server)
-        admin_servicer.register(store)(server)
+        admin_servicer.register(store, authorizer)(server)
 
     server = create_server(settings, register_all, [ext_authz.SERVICE_NAME, admin_servicer.SERVICE_NAME])
     try:
         await serve(server, settings)
     finally:
-        store.close()
+        await client.aclose()
+        db.close()
 
 
 if __name__ == "__main__":

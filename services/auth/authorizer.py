@@ -1,19 +1,45 @@
-"""Who is calling and may they call this path. Every failure to authenticate
-gives the same answer, so a caller learns nothing about which keys exist."""
+"""Who is calling, may they call this path, and are they within their limits.
+Every failure to authenticate gives the same answer, so a caller learns
+nothing about which keys exist."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from mariana_common.errors import PermissionDenied, Unauthenticated
-from services.auth.keys import KeyStore, split_key
+import redis.asyncio as redis
+import structlog
+
+from mariana_common.errors import PermissionDenied, Unauthenticated, Unavailable
+from services.auth.jwt_tokens import JwtVerifier, looks_like_jwt
+from services.auth.rate_limit import Decision, RateLimiter, limits_for
+from services.auth.store import KeyStore, Scopes, split_key
+
+log = structlog.get_logger()
 
 ADMIN_PATH_PREFIXES = ("/mariana.auth.v1.", "/mariana.billing.v1.", "/admin/")
 SYSTEM_TENANT = "system"
 MASTER_KEY_ID = "master"
 INVALID_KEY = "invalid API key"
+_LLM = "/mariana.llm.v1.LlmService/"
+ENDPOINT_OF_PATH = {
+    "/v1/chat/completions": "chat",
+    "/v1/chat/completions:stream": "chat",
+    _LLM + "CreateChatCompletion": "chat",
+    _LLM + "StreamChatCompletion": "chat",
+    "/v1/completions": "completions",
+    _LLM + "CreateCompletion": "completions",
+    "/v1/embeddings": "embeddings",
+    _LLM + "CreateEmbedding": "embeddings",
+    "/v1/models": "models",
+    _LLM + "ListModels": "models",
+    "/v1/moderations": "moderations",
+    _LLM + "CreateModeration": "moderations",
+}
+SAFE_SUBJECT = re.compile(r"[^A-Za-z0-9._@:-]")
 
 
 @dataclass(frozen=True)
@@ -21,6 +47,24 @@ class Identity:
     tenant_id: str
     key_id: str
     admin: bool
+    scopes: Scopes = field(default_factory=Scopes)
+    rpm: int | None = None
+    tpm: int | None = None
+    tenant_rpm: int | None = None
+    tenant_tpm: int | None = None
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    identity: Identity
+    rate: Decision
+
+
+class RateLimited(Exception):
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(f"rate limit reached for {decision.exceeded} per minute")
+        self.decision = decision
 
 
 def bearer_token(authorization: str) -> str:
@@ -30,38 +74,108 @@ def bearer_token(authorization: str) -> str:
     return token.strip()
 
 
+def endpoint_of(path: str) -> str | None:
+    return ENDPOINT_OF_PATH.get(path.partition("?")[0])
+
+
 class Authorizer:
-    def __init__(self, store: KeyStore, master_key: str | None, cache_ttl_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        master_key: str | None,
+        *,
+        jwt: JwtVerifier | None = None,
+        limiter: RateLimiter | None = None,
+        fail_open: bool = True,
+        cache_ttl_s: float = 1.0,
+    ) -> None:
         self._store = store
         self._master_key = master_key.encode() if master_key else None
+        self._jwt = jwt
+        self._limiter = limiter
+        self._fail_open = fail_open
         self._cache_ttl_s = cache_ttl_s
-        # key -> (identity, expiry). A short TTL bounds how long a revoked key lives on.
+        # credential -> (identity, expiry). The TTL bounds how long a key
+        # revoked on another replica lives on here.
         self._cache: dict[str, tuple[Identity, float]] = {}
+        self.limiter_failures = 0
 
-    def identify(self, key: str) -> Identity:
-        now = time.monotonic()
-        cached = self._cache.get(key)
-        if cached is not None and cached[1] > now:
-            return cached[0]
-        identity = self._identify_uncached(key)
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        self._cache[key] = (identity, now + self._cache_ttl_s)
-        return identity
+    def invalidate(self) -> None:
+        """After a revoke or rotate on this replica: forget every cached decision."""
+        self._cache.clear()
 
-    def _identify_uncached(self, key: str) -> Identity:
+    def _identify_key(self, key: str) -> Identity:
         if self._master_key is not None and hmac.compare_digest(key.encode(), self._master_key):
-            return Identity(SYSTEM_TENANT, MASTER_KEY_ID, admin=True)
+            return Identity(SYSTEM_TENANT, MASTER_KEY_ID, admin=True, scopes=Scopes(role="admin"))
         key_id = split_key(key)
         record = self._store.lookup(key_id) if key_id else None
-        expected = record.key_hash if record else "0" * 64
-        matches = hmac.compare_digest(self._store.hash_key(key), expected)
-        if record is None or not matches or record.revoked:
+        matches = hmac.compare_digest(self._store.hash_key(key), record.key_hash if record else "0" * 64)
+        if record is None or not matches or not record.usable(time.time()):
             raise Unauthenticated(INVALID_KEY)
-        return Identity(record.tenant_id, record.id, admin=False)
+        tenant = self._store.find_tenant(record.tenant_id)
+        return Identity(
+            record.tenant_id,
+            record.id,
+            record.scopes.role == "admin",
+            record.scopes,
+            record.rpm,
+            record.tpm,
+            tenant.rpm if tenant else None,
+            tenant.tpm if tenant else None,
+            record.expires_at,
+        )
 
-    def authorize(self, authorization: str, path: str) -> Identity:
-        identity = self.identify(bearer_token(authorization))
-        if path.startswith(ADMIN_PATH_PREFIXES) and not identity.admin:
-            raise PermissionDenied("this endpoint needs an admin key")
+    def _identify_jwt(self, token: str) -> Identity:
+        if self._jwt is None:
+            raise Unauthenticated(INVALID_KEY)
+        claims = self._jwt.verify(token)
+        tenant = self._store.find_tenant(claims.issuer.tenant_id)
+        if tenant is None:
+            raise Unauthenticated(INVALID_KEY)
+        subject = SAFE_SUBJECT.sub("_", claims.subject)[:64]
+        return Identity(tenant.id, f"jwt:{subject}", False, Scopes(), None, None, tenant.rpm, tenant.tpm)
+
+    async def identify(self, token: str) -> Identity:
+        now = time.monotonic()
+        cached = self._cache.get(token)
+        if cached is not None and cached[1] > now:
+            identity = cached[0]
+            if identity.expires_at is None or time.time() < identity.expires_at:
+                return identity
+        # A JWT's own expiry is checked on every use; its cache entry is short.
+        identify = self._identify_jwt if looks_like_jwt(token) else self._identify_key
+        identity = await asyncio.to_thread(identify, token)
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[token] = (identity, now + self._cache_ttl_s)
         return identity
+
+    async def _rate(self, identity: Identity) -> Decision:
+        limits = limits_for(
+            identity.key_id, identity.tenant_id, identity.rpm, identity.tpm, identity.tenant_rpm, identity.tenant_tpm
+        )
+        if self._limiter is None or not limits:
+            return Decision(True)
+        try:
+            return await self._limiter.admit(limits)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
+            self.limiter_failures += 1
+            log.error("rate limiter unavailable", fail_open=self._fail_open, error=str(error))
+            if self._fail_open:
+                return Decision(True)
+            raise Unavailable("rate limiting is unavailable; retry shortly") from error
+
+    async def authorize(self, authorization: str, path: str) -> Verdict:
+        identity = await self.identify(bearer_token(authorization))
+        if path.startswith(ADMIN_PATH_PREFIXES):
+            if not identity.admin:
+                raise PermissionDenied("this endpoint needs an admin key")
+        else:
+            endpoint = endpoint_of(path)
+            allowed = identity.scopes.endpoints
+            if allowed and endpoint not in allowed:
+                raise PermissionDenied(f"this key may not use {endpoint or path}")
+        decision = await self._rate(identity)
+        if not decision.allowed:
+            raise RateLimited(decision)
+        return Verdict(identity, decision)

@@ -25,21 +25,24 @@ from envoy_data_plane.envoy.service.auth.v3 import (
 from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
 from envoy_data_plane.google.rpc import Status
 
-from mariana_common.errors import MarianaError, PermissionDenied, Unauthenticated
+from mariana_common.errors import PermissionDenied, Unauthenticated, Unavailable
 from mariana_common.server import Context, Registrar
-from services.auth.authorizer import Authorizer, Identity
+from services.auth.authorizer import Authorizer, RateLimited, Verdict
 
 log = structlog.get_logger()
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 TENANT_HEADER = "x-mariana-tenant"
 KEY_ID_HEADER = "x-mariana-key-id"
+MODELS_HEADER = "x-mariana-models"
 # Headers only auth may set; the edge strips them from client requests too.
-IDENTITY_HEADERS = (TENANT_HEADER, KEY_ID_HEADER)
+IDENTITY_HEADERS = (TENANT_HEADER, KEY_ID_HEADER, MODELS_HEADER)
 
 GRPC_OK = 0
-GRPC_UNAUTHENTICATED = 16
 GRPC_PERMISSION_DENIED = 7
+GRPC_RESOURCE_EXHAUSTED = 8
+GRPC_UNAVAILABLE = 14
+GRPC_UNAUTHENTICATED = 16
 
 
 def _header(name: str, value: str) -> HeaderValueOption:
@@ -49,33 +52,57 @@ def _header(name: str, value: str) -> HeaderValueOption:
     )
 
 
-def allow(identity: Identity) -> bytes:
-    headers = [_header(TENANT_HEADER, identity.tenant_id), _header(KEY_ID_HEADER, identity.key_id)]
-    return bytes(CheckResponse(status=Status(code=GRPC_OK), ok_response=OkHttpResponse(headers=headers)))
-
-
-def deny(error: MarianaError) -> bytes:
-    if isinstance(error, PermissionDenied):
-        http, grpc_code, kind, code = (
-            StatusCode.Forbidden,
-            GRPC_PERMISSION_DENIED,
-            "permission_error",
-            "permission_denied",
-        )
-    else:
-        http, grpc_code, kind, code = (
-            StatusCode.Unauthorized,
-            GRPC_UNAUTHENTICATED,
-            "invalid_request_error",
-            "invalid_api_key",
-        )
-    body = json.dumps({"error": {"message": str(error), "type": kind, "param": None, "code": code}})
-    denied = DeniedHttpResponse(
-        status=HttpStatus(code=http),
-        headers=[_header("content-type", "application/json")],
-        body=body,
+def allow(verdict: Verdict) -> bytes:
+    identity = verdict.identity
+    headers = [
+        _header(TENANT_HEADER, identity.tenant_id),
+        _header(KEY_ID_HEADER, identity.key_id),
+        _header(MODELS_HEADER, ",".join(sorted(identity.scopes.models))),
+    ]
+    ok = OkHttpResponse(
+        headers=headers, response_headers_to_add=[_header(k, v) for k, v in verdict.rate.headers.items()]
     )
-    return bytes(CheckResponse(status=Status(code=grpc_code, message=str(error)), denied_response=denied))
+    return bytes(CheckResponse(status=Status(code=GRPC_OK), ok_response=ok))
+
+
+def _denied(
+    grpc_code: int, http: StatusCode, kind: str, code: str, message: str, extra: dict[str, str] | None = None
+) -> bytes:
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
+    headers = [_header("content-type", "application/json")] + [_header(k, v) for k, v in (extra or {}).items()]
+    denied = DeniedHttpResponse(status=HttpStatus(code=http), headers=headers, body=body)
+    return bytes(CheckResponse(status=Status(code=grpc_code, message=message), denied_response=denied))
+
+
+def deny(error: Exception) -> bytes:
+    if isinstance(error, RateLimited):
+        decision = error.decision
+        headers = {"retry-after": str(max(1, int(decision.retry_after_s))), **decision.headers}
+        kind = decision.exceeded or "requests"
+        return _denied(
+            GRPC_RESOURCE_EXHAUSTED,
+            StatusCode.TooManyRequests,
+            kind,
+            "rate_limit_exceeded",
+            f"Rate limit reached for {kind} per minute. Retry after {headers['retry-after']}s.",
+            headers,
+        )
+    if isinstance(error, PermissionDenied):
+        return _denied(
+            GRPC_PERMISSION_DENIED, StatusCode.Forbidden, "permission_error", "permission_denied", str(error)
+        )
+    if isinstance(error, Unavailable):
+        return _denied(
+            GRPC_UNAVAILABLE,
+            StatusCode.ServiceUnavailable,
+            "server_error",
+            "unavailable",
+            str(error),
+            {"retry-after": "1"},
+        )
+    return _denied(
+        GRPC_UNAUTHENTICATED, StatusCode.Unauthorized, "invalid_request_error", "invalid_api_key", str(error)
+    )
 
 
 class ExtAuthz:
@@ -87,11 +114,11 @@ class ExtAuthz:
         if http is None:
             return deny(Unauthenticated("no HTTP attributes in the check request"))
         try:
-            identity = self._authorizer.authorize(http.headers.get("authorization", ""), http.path)
-        except (Unauthenticated, PermissionDenied) as error:
+            verdict = await self._authorizer.authorize(http.headers.get("authorization", ""), http.path)
+        except (Unauthenticated, PermissionDenied, Unavailable, RateLimited) as error:
             log.info("denied", path=http.path, reason=str(error), request_id=http.headers.get("x-request-id"))
             return deny(error)
-        return allow(identity)
+        return allow(verdict)
 
 
 def register(authz: ExtAuthz) -> Registrar:

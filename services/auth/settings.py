@@ -1,17 +1,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from mariana_common.settings import ServiceSettings
+from services.auth.jwt_tokens import IssuerConfig
 
 
 class AuthSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="MARIANA_AUTH_", extra="ignore", frozen=True)
 
-    db_path: Path = Field(Path(".data/auth/keys.db"), description="SQLite file of tenants and keys.")
+    database: str = Field(".data/auth/keys.db", description="SQLite file of tenants and keys, or a postgresql:// URL.")
     pepper_file: Path = Field(
         Path(".data/auth/pepper"),
         description="Secret mixed into every key hash; created with 32 random bytes when missing.",
@@ -21,4 +23,12 @@ class AuthSettings(ServiceSettings):
         validation_alias="MARIANA_MASTER_KEY",
         description="When set, an admin key that needs no database entry (for scripts and tests).",
     )
-    cache_ttl_s: float = Field(1.0, ge=0, description="How long a verified key is trusted without a lookup.")
+    cache_ttl_s: float = Field(
+        1.0, ge=0, le=1, description="How long a verified credential is trusted without a lookup (revocation lag)."
+    )
+    jwt_issuers: list[IssuerConfig] = Field(
+        default_factory=list, description="Trusted JWT issuers (JSON list of {issuer, audience, tenant_id, jwks_file})."
+    )
+    rate_limit_failure: Literal["open", "closed"] = Field(
+        "open", description="When Redis is down: admit requests (open) or refuse them with 503 (closed)."
+    )

@@ -13,6 +13,8 @@ class Caller:
     tenant_id: str
     key_id: str
     request_id: str
+    # Models the caller's key may use; empty means all.
+    models: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import grpc
 from mariana.common.v1.usage_pb2 import Usage
 from mariana.llm.v1 import llm_pb2 as pb
 from mariana.llm.v1 import llm_pb2_grpc as pb_grpc
-from mariana_common.errors import InvalidArgument, Unauthenticated
+from mariana_common.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from mariana_common.server import Context, Registrar
 from services.router.domain import Caller, GenerationRequest, Piece, Sampling
 from services.router.gateway import Gateway
@@ -31,7 +31,13 @@ def caller_of(context: Context) -> Caller:
     tenant, key_id = headers.get("x-mariana-tenant"), headers.get("x-mariana-key-id")
     if not tenant or not key_id:
         raise Unauthenticated("no caller identity: requests must come through the edge")
-    return Caller(tenant, key_id, headers.get("x-request-id") or uuid.uuid4().hex)
+    models = frozenset(m for m in headers.get("x-mariana-models", "").split(",") if m)
+    return Caller(tenant, key_id, headers.get("x-request-id") or uuid.uuid4().hex, models)
+
+
+def may_use(caller: Caller, model: str) -> None:
+    if caller.models and model not in caller.models:
+        raise PermissionDenied(f"this key may not use model {model!r}")
 
 
 MAX_CHOICES = 8
@@ -118,6 +124,7 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
         if request.stream:
             raise InvalidArgument("stream=true is served by StreamChatCompletion")
         generation, n = chat_request(request), choices_of(request)
+        may_use(caller, generation.model)
         pieces: dict[int, list[Piece]] = {i: [] for i in range(n)}
         async for piece in self._gateway.generate(caller, generation, n):
             pieces[piece.index].append(piece)
@@ -145,6 +152,7 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
     ) -> AsyncIterator[pb.ChatCompletionChunk]:
         caller = caller_of(context)
         generation, n = chat_request(request), choices_of(request)
+        may_use(caller, generation.model)
         include_usage = request.stream_options.include_usage
         created = int(time.time())
 
@@ -187,6 +195,7 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
             raise InvalidArgument("stream=true is not supported on /v1/completions yet; use chat completions")
         if not request.model:
             raise InvalidArgument("model is required")
+        may_use(caller, request.model)
         prompts = string_list(request.prompt, "prompt")
         if len(prompts) != 1:
             raise InvalidArgument("prompt must be one string")
@@ -217,6 +226,7 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
         caller = caller_of(context)
         if not request.model:
             raise InvalidArgument("model is required")
+        may_use(caller, request.model)
         texts = string_list(request.input, "input")
         if not texts:
             raise InvalidArgument("input must be a non-empty string or list of strings")
@@ -234,8 +244,8 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
         )
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
-        caller_of(context)
-        models = await self._gateway.models()
+        caller = caller_of(context)
+        models = [m for m in await self._gateway.models() if not caller.models or m.id in caller.models]
         return pb.ListModelsResponse(
             object="list",
             data=[pb.Model(id=m.id, object="model", created=m.created, owned_by="mariana") for m in models],

@@ -1,5 +1,6 @@
-"""Publishes usage records to the Redis Stream billing consumes, off the
-request path: `publish` queues, a background task sends in batches."""
+"""Publishes usage records to the Redis Stream billing consumes, and charges
+them to the tokens-per-minute buckets auth admits by, off the request path:
+`publish` queues, a background task sends in batches."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import redis.asyncio as redis
 import structlog
 
 from mariana.billing.v1.billing_pb2 import UsageEvent
+from services.auth.rate_limit import DEBIT, token_buckets
 from services.billing.events import encode
 from services.router.domain import UsageRecord
 
@@ -33,6 +35,7 @@ class RedisUsagePublisher:
     def __init__(self, client: redis.Redis, stream: str) -> None:
         self._redis = client
         self._stream = stream
+        self._debit = client.register_script(DEBIT)
         self._queue: asyncio.Queue[UsageRecord] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -43,9 +46,14 @@ class RedisUsagePublisher:
         self._queue.put_nowait(record)
 
     async def _send_batch(self, batch: list[UsageRecord]) -> None:
+        """One round trip: each record to the stream, and its tokens charged to
+        the key's and tenant's tokens-per-minute buckets."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for record in batch:
                 pipe.xadd(self._stream, encode(to_event(record)))  # type: ignore[arg-type]
+                tokens = record.prompt_tokens + record.completion_tokens
+                if tokens:
+                    await self._debit(keys=token_buckets(record.key_id, record.tenant_id), args=[tokens], client=pipe)
             await pipe.execute()
 
     async def _send_forever(self) -> None:

@@ -22,11 +22,13 @@ from mariana.billing.v1 import billing_pb2, billing_pb2_grpc
 from mariana.moderation.v1 import moderation_pb2, moderation_pb2_grpc
 from mariana_common.server import Server, create_server
 from mariana_common.settings import ServiceSettings
+from mariana_common.sql import Database
 from mariana_common.tls import channel_credentials
 from mesh.pki import CertFiles, mint_mesh
 from services.auth import ext_authz
 from services.auth.authorizer import Authorizer
-from services.auth.keys import KeyStore
+from services.auth.rate_limit import RateLimiter
+from services.auth.store import KeyStore, Scopes
 from services.billing import servicer as billing_servicer
 from services.billing.consumer import DEAD_LETTER_SUFFIX, UsageConsumer
 from services.billing.ledger import Ledger
@@ -117,10 +119,11 @@ async def test_domain_errors_keep_their_status(pki: dict[str, CertFiles], tmp_pa
     assert "tenant_id" in (error.value.details() or "")
 
 
-async def test_ext_authz_check_over_the_wire(pki: dict[str, CertFiles], tmp_path: Path) -> None:
-    store = KeyStore(tmp_path / "keys.db", b"x" * 32)
-    issued = store.create_key(store.create_tenant("acme").id)
-    authz = ext_authz.ExtAuthz(Authorizer(store, MASTER))
+async def test_ext_authz_check_over_the_wire(pki: dict[str, CertFiles], tmp_path: Path, flush_redis: str) -> None:
+    store = KeyStore(Database(f"sqlite:///{tmp_path / 'keys.db'}"), b"x" * 32)
+    issued = store.create_key(store.create_tenant("acme").id, scopes=Scopes(models=frozenset({"m1", "m2"})))
+    limited = store.create_key(store.create_tenant("small").id, rpm=1)
+    authz = ext_authz.ExtAuthz(Authorizer(store, MASTER, limiter=RateLimiter(aioredis.Redis.from_url(flush_redis))))
     server = create_server(settings_for(pki["auth"]), ext_authz.register(authz), [ext_authz.SERVICE_NAME])
     await server.start()
 
@@ -139,11 +142,25 @@ async def test_ext_authz_check_over_the_wire(pki: dict[str, CertFiles], tmp_path
         allowed = await check(f"Bearer {issued.secret}", "/v1/chat/completions")
         denied = await check("Bearer mk_000000000000_nope", "/v1/chat/completions")
         forbidden = await check(f"Bearer {issued.secret}", "/mariana.auth.v1.AuthAdminService/CreateKey")
+        first = await check(f"Bearer {limited.secret}", "/v1/models")
+        over = await check(f"Bearer {limited.secret}", "/v1/models")
     finally:
         await server.stop(0)
     assert allowed.status.code == 0
     headers = {h.header.key: h.header.value for h in allowed.ok_response.headers}
-    assert headers == {"x-mariana-tenant": issued.tenant_id, "x-mariana-key-id": issued.key_id}
+    assert headers == {
+        "x-mariana-tenant": issued.record.tenant_id,
+        "x-mariana-key-id": issued.record.id,
+        "x-mariana-models": "m1,m2",
+    }
+    assert first.status.code == 0
+    assert {h.header.key: h.header.value for h in first.ok_response.response_headers_to_add}[
+        "x-ratelimit-remaining-requests"
+    ] == "0"
+    assert over.status.code == 8 and over.denied_response.status.code == 429
+    over_headers = {h.header.key: h.header.value for h in over.denied_response.headers}
+    assert int(over_headers["retry-after"]) >= 1 and over_headers["x-ratelimit-limit-requests"] == "1"
+    assert '"rate_limit_exceeded"' in over.denied_response.body
     assert denied.status.code == 16 and denied.denied_response.status.code == 401
     assert '"invalid_api_key"' in denied.denied_response.body
     assert forbidden.status.code == 7 and forbidden.denied_response.status.code == 403

@@ -1,0 +1,152 @@
+"""Requests-per-minute and tokens-per-minute limits as token buckets in Redis,
+shared by every auth and router replica.
+
+Admission (auth, on every request) checks every bucket that applies — the
+key's and the tenant's RPM and TPM — in one Lua script, so a request takes from
+all of them or from none. A bucket holds up to a minute's allowance and refills
+continuously, so a burst admits exactly the limit. Token buckets are charged
+after the fact: the router debits the real usage when a response completes
+(`debit_tokens`), which may drive a bucket below zero; admission then waits
+until it refills. Redis's clock is used, so replicas agree."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import redis.asyncio as redis
+
+# KEYS: buckets. ARGV: per bucket capacity, refill per ms, cost.
+# Returns {allowed, retry_after_ms, level_1, ..., level_n}.
+ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local levels, wait = {}, 0
+for i = 1, #KEYS do
+  local cap, rate, cost = tonumber(ARGV[i*3-2]), tonumber(ARGV[i*3-1]), tonumber(ARGV[i*3])
+  local state = redis.call('HMGET', KEYS[i], 'tokens', 'ts')
+  local tokens = tonumber(state[1]) or cap
+  local ts = tonumber(state[2]) or now
+  tokens = math.min(cap, tokens + math.max(0, now - ts) * rate)
+  levels[i] = tokens
+  local need = math.max(cost, 1)
+  if tokens < need then
+    wait = math.max(wait, (need - tokens) / rate)
+  end
+end
+if wait > 0 then
+  local out = {0, math.ceil(wait)}
+  for i = 1, #KEYS do out[#out + 1] = math.floor(levels[i]) end
+  return out
+end
+local out = {1, 0}
+for i = 1, #KEYS do
+  local cap, rate, cost = tonumber(ARGV[i*3-2]), tonumber(ARGV[i*3-1]), tonumber(ARGV[i*3])
+  local tokens = levels[i] - cost
+  redis.call('HSET', KEYS[i], 'tokens', tostring(tokens), 'ts', now, 'cap', cap, 'rate', tostring(rate))
+  redis.call('PEXPIRE', KEYS[i], math.ceil(cap / rate) + 60000)
+  out[#out + 1] = math.floor(tokens)
+end
+return out
+"""
+
+# KEYS: token buckets. ARGV[1]: tokens used. Buckets that do not exist (never
+# admitted, or expired full) are left alone.
+DEBIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local used = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  local state = redis.call('HMGET', KEYS[i], 'tokens', 'ts', 'cap', 'rate')
+  if state[1] then
+    local cap, rate = tonumber(state[3]), tonumber(state[4])
+    local tokens = math.min(cap, tonumber(state[1]) + math.max(0, now - tonumber(state[2])) * rate) - used
+    redis.call('HSET', KEYS[i], 'tokens', tostring(tokens), 'ts', now)
+  end
+end
+return 1
+"""
+
+MINUTE_MS = 60_000
+
+
+def request_bucket(scope: str, owner: str) -> str:
+    return f"mariana:rl:{scope}:{owner}:rpm"
+
+
+def token_bucket(scope: str, owner: str) -> str:
+    return f"mariana:rl:{scope}:{owner}:tpm"
+
+
+@dataclass(frozen=True)
+class Limit:
+    bucket: str
+    per_minute: int
+    cost: int
+    kind: str  # "requests" or "tokens"
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    retry_after_s: float = 0.0
+    # OpenAI's x-ratelimit-* headers, for the tightest limit of each kind.
+    headers: dict[str, str] = field(default_factory=dict)
+    exceeded: str = ""  # "requests" or "tokens" when refused
+
+
+def limits_for(
+    key_id: str,
+    tenant_id: str,
+    key_rpm: int | None,
+    key_tpm: int | None,
+    tenant_rpm: int | None,
+    tenant_tpm: int | None,
+) -> list[Limit]:
+    candidates = [
+        (request_bucket("key", key_id), key_rpm, 1, "requests"),
+        (request_bucket("tenant", tenant_id), tenant_rpm, 1, "requests"),
+        (token_bucket("key", key_id), key_tpm, 0, "tokens"),
+        (token_bucket("tenant", tenant_id), tenant_tpm, 0, "tokens"),
+    ]
+    return [Limit(bucket, per_minute, cost, kind) for bucket, per_minute, cost, kind in candidates if per_minute]
+
+
+def _headers(limits: list[Limit], levels: list[int]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for kind in ("requests", "tokens"):
+        pairs = [(limit, level) for limit, level in zip(limits, levels, strict=True) if limit.kind == kind]
+        if not pairs:
+            continue
+        limit, level = min(pairs, key=lambda p: p[1])
+        remaining = max(0, level)
+        reset_s = (limit.per_minute - remaining) * 60 / limit.per_minute
+        headers[f"x-ratelimit-limit-{kind}"] = str(limit.per_minute)
+        headers[f"x-ratelimit-remaining-{kind}"] = str(remaining)
+        headers[f"x-ratelimit-reset-{kind}"] = f"{reset_s:.3f}s"
+    return headers
+
+
+class RateLimiter:
+    def __init__(self, client: redis.Redis) -> None:
+        self._admit = client.register_script(ADMIT)
+
+    async def admit(self, limits: list[Limit]) -> Decision:
+        if not limits:
+            return Decision(True)
+        args: list[float] = []
+        for limit in limits:
+            args += [limit.per_minute, limit.per_minute / MINUTE_MS, limit.cost]
+        reply = await self._admit(keys=[limit.bucket for limit in limits], args=args)
+        allowed, wait_ms, *levels = (int(v) for v in reply)
+        headers = _headers(limits, levels)
+        if allowed:
+            return Decision(True, headers=headers)
+        short = [limit.kind for limit, level in zip(limits, levels, strict=True) if level < max(limit.cost, 1)]
+        return Decision(False, math.ceil(wait_ms / 1000), headers, short[0] if short else "requests")
+
+
+def token_buckets(key_id: str, tenant_id: str) -> list[str]:
+    """Where a request's real token usage is charged after it completes (the
+    router does it, with DEBIT, when it publishes the usage)."""
+    return [token_bucket("key", key_id), token_bucket("tenant", tenant_id)]

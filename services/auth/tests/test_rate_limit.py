@@ -1,0 +1,78 @@
+"""Token buckets in a real Redis: bursts, several replicas, debits, outages."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as redis
+
+from mariana_common.errors import Unavailable
+from mariana_common.sql import Database
+from services.auth.authorizer import Authorizer, RateLimited
+from services.auth.rate_limit import DEBIT, RateLimiter, limits_for, token_buckets
+from services.auth.store import KeyStore
+
+
+async def test_a_burst_admits_exactly_the_limit(flush_redis: str) -> None:
+    # Two "replicas", each with its own client, share the buckets.
+    replicas = [RateLimiter(redis.Redis.from_url(flush_redis)) for _ in range(2)]
+    limits = limits_for("k1", "t1", key_rpm=20, key_tpm=None, tenant_rpm=None, tenant_tpm=None)
+    decisions = await asyncio.gather(*(replicas[i % 2].admit(limits) for i in range(60)))
+    assert sum(d.allowed for d in decisions) == 20
+    refused = [d for d in decisions if not d.allowed]
+    assert all(d.exceeded == "requests" and d.retry_after_s >= 1 for d in refused)
+    assert refused[0].headers["x-ratelimit-limit-requests"] == "20"
+    assert refused[0].headers["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_tenant_limit_spans_its_keys_and_is_all_or_nothing(flush_redis: str) -> None:
+    client = redis.Redis.from_url(flush_redis)
+    limiter = RateLimiter(client)
+    a = limits_for("ka", "t1", key_rpm=5, key_tpm=None, tenant_rpm=6, tenant_tpm=None)
+    b = limits_for("kb", "t1", key_rpm=5, key_tpm=None, tenant_rpm=6, tenant_tpm=None)
+    results = [await limiter.admit(a) for _ in range(5)] + [await limiter.admit(b) for _ in range(5)]
+    assert [r.allowed for r in results] == [True] * 5 + [True] + [False] * 4
+    # A refusal took nothing from key kb's own bucket: it was refused as a whole.
+    level = float(await client.hget("mariana:rl:key:kb:rpm", "tokens") or 0)
+    assert 3.9 < level < 4.1
+
+
+async def test_tokens_are_charged_after_the_fact(flush_redis: str) -> None:
+    client = redis.Redis.from_url(flush_redis)
+    limiter = RateLimiter(client)
+    limits = limits_for("k", "t", key_rpm=None, key_tpm=1000, tenant_rpm=None, tenant_tpm=None)
+    assert (await limiter.admit(limits)).allowed  # creates the bucket, charges nothing yet
+    debit = client.register_script(DEBIT)
+    await debit(keys=token_buckets("k", "t"), args=[1500])  # a long answer overdraws it
+    refused = await limiter.admit(limits)
+    assert not refused.allowed and refused.exceeded == "tokens"
+    assert 25 <= refused.retry_after_s <= 31  # ~500 tokens of a 1000/min refill
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+
+
+async def test_redis_down_fails_open_or_closed(tmp_path: object) -> None:
+    from pathlib import Path
+
+    store = KeyStore(Database(f"sqlite:///{Path(str(tmp_path)) / 'k.db'}"), b"p" * 32)
+    key = store.create_key(store.create_tenant("acme", rpm=5).id)
+    dead = RateLimiter(redis.Redis(port=1, socket_connect_timeout=0.2))
+    open_ = Authorizer(store, None, limiter=dead, fail_open=True)
+    assert (await open_.authorize(f"Bearer {key.secret}", "/v1/models")).rate.allowed
+    assert open_.limiter_failures == 1
+    closed = Authorizer(store, None, limiter=dead, fail_open=False)
+    with pytest.raises(Unavailable):
+        await closed.authorize(f"Bearer {key.secret}", "/v1/models")
+
+
+async def test_authorizer_refuses_over_the_limit(flush_redis: str, tmp_path: object) -> None:
+    from pathlib import Path
+
+    store = KeyStore(Database(f"sqlite:///{Path(str(tmp_path)) / 'k.db'}"), b"p" * 32)
+    key = store.create_key(store.create_tenant("acme").id, rpm=2)
+    authorizer = Authorizer(store, None, limiter=RateLimiter(redis.Redis.from_url(flush_redis)))
+    for _ in range(2):
+        assert (await authorizer.authorize(f"Bearer {key.secret}", "/v1/models")).rate.allowed
+    with pytest.raises(RateLimited) as refused:
+        await authorizer.authorize(f"Bearer {key.secret}", "/v1/models")
+    assert refused.value.decision.retry_after_s >= 1
