@@ -71,7 +71,11 @@ class Stack:
         }
         data = self.data_dir
         extra: dict[str, dict[str, object]] = {
-            "auth": {"DATABASE": data / "auth" / "keys.db", "PEPPER_FILE": data / "auth" / "pepper"},
+            "auth": {
+                "DATABASE": data / "auth" / "keys.db",
+                "PEPPER_FILE": data / "auth" / "pepper",
+                "BILLING_TARGET": self.plan.mesh_target("billing"),
+            },
             "moderation": {"POLICY_FILE": self._moderation_policy()},
             "billing": {"DB_PATH": data / "billing" / "ledger.db", "CONSUMER_NAME": f"billing-{port}"},
             "inference": {"MODEL_DIR": self.settings.resolved_model_dir(), "BACKEND": self.settings.inference_backend},

@@ -72,7 +72,7 @@ def test_rendered_policy_comes_from_the_topology(rendered: Path) -> None:
     assert inference["outlierDetection"]["consecutive5xx"] == 5
     assert "grpcHealthCheck" in inference["healthChecks"][0]
     listeners = {listener["name"]: listener for listener in config["staticResources"]["listeners"]}
-    assert set(listeners) == {"edge", "mesh_inference", "mesh_moderation"}
+    assert set(listeners) == {"edge", "mesh_inference", "mesh_moderation", "mesh_billing"}
     rbac = json.dumps(listeners["mesh_inference"])
     assert "spiffe://mariana.local/router" in rbac
     assert "spiffe://mariana.local/billing" not in rbac

@@ -6,11 +6,13 @@ from pathlib import Path
 import grpc
 import redis.asyncio as redis
 
+from mariana_common.channels import mesh_channel
 from mariana_common.logs import configure_logging
 from mariana_common.server import create_server, run, serve
 from mariana_common.sql import Database, database_url
 from services.auth import admin_servicer, ext_authz
 from services.auth.authorizer import Authorizer
+from services.auth.budgets import BillingBudgets
 from services.auth.jwt_tokens import JwtVerifier
 from services.auth.rate_limit import RateLimiter
 from services.auth.settings import AuthSettings
@@ -32,11 +34,13 @@ async def main() -> None:
     db = Database(database_url(settings.database))
     store = KeyStore(db, load_pepper(settings.pepper_file))
     client = redis.Redis.from_url(UsageStreamSettings().redis_url, socket_timeout=0.5)
+    billing = mesh_channel(settings.billing_target, settings) if settings.billing_target else None
     authorizer = Authorizer(
         store,
         settings.master_key.get_secret_value() if settings.master_key else None,
         jwt=JwtVerifier(settings.jwt_issuers) if settings.jwt_issuers else None,
         limiter=RateLimiter(client),
+        budgets=BillingBudgets(billing) if billing is not None else None,
         fail_open=settings.rate_limit_failure == "open",
         cache_ttl_s=settings.cache_ttl_s,
     )
@@ -50,6 +54,8 @@ async def main() -> None:
         await serve(server, settings)
     finally:
         await client.aclose()
+        if billing is not None:
+            await billing.close(None)
         db.close()
 
 

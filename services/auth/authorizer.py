@@ -14,6 +14,7 @@ import redis.asyncio as redis
 import structlog
 
 from mariana_common.errors import PermissionDenied, Unauthenticated, Unavailable
+from services.auth.budgets import Budgets
 from services.auth.jwt_tokens import JwtVerifier, looks_like_jwt
 from services.auth.rate_limit import Decision, RateLimiter, limits_for
 from services.auth.store import KeyStore, Scopes, split_key
@@ -61,6 +62,10 @@ class Verdict:
     rate: Decision
 
 
+class QuotaExceeded(Exception):
+    """The tenant is over its hard budget (OpenAI's insufficient_quota)."""
+
+
 class RateLimited(Exception):
     def __init__(self, decision: Decision) -> None:
         super().__init__(f"rate limit reached for {decision.exceeded} per minute")
@@ -86,6 +91,7 @@ class Authorizer:
         *,
         jwt: JwtVerifier | None = None,
         limiter: RateLimiter | None = None,
+        budgets: Budgets | None = None,
         fail_open: bool = True,
         cache_ttl_s: float = 1.0,
     ) -> None:
@@ -93,6 +99,7 @@ class Authorizer:
         self._master_key = master_key.encode() if master_key else None
         self._jwt = jwt
         self._limiter = limiter
+        self._budgets = budgets
         self._fail_open = fail_open
         self._cache_ttl_s = cache_ttl_s
         # credential -> (identity, expiry). The TTL bounds how long a key
@@ -175,6 +182,8 @@ class Authorizer:
             allowed = identity.scopes.endpoints
             if allowed and endpoint not in allowed:
                 raise PermissionDenied(f"this key may not use {endpoint or path}")
+        if self._budgets is not None and not identity.admin and await self._budgets.over_hard_limit(identity.tenant_id):
+            raise QuotaExceeded("You exceeded your current quota: the tenant is over its hard budget.")
         decision = await self._rate(identity)
         if not decision.allowed:
             raise RateLimited(decision)

@@ -27,7 +27,7 @@ from envoy_data_plane.google.rpc import Status
 
 from mariana_common.errors import PermissionDenied, Unauthenticated, Unavailable
 from mariana_common.server import Context, Registrar
-from services.auth.authorizer import Authorizer, RateLimited, Verdict
+from services.auth.authorizer import Authorizer, QuotaExceeded, RateLimited, Verdict
 
 log = structlog.get_logger()
 
@@ -74,10 +74,12 @@ def _denied(
     return bytes(CheckResponse(status=Status(code=grpc_code, message=message), denied_response=denied))
 
 
-def deny(error: Exception) -> bytes:
+def deny(error: Exception, grpc_client: bool = False) -> bytes:
     if isinstance(error, RateLimited):
         decision = error.decision
         headers = {"retry-after": str(max(1, int(decision.retry_after_s))), **decision.headers}
+        if grpc_client:  # Envoy would map HTTP 429 to UNAVAILABLE; gRPC's own code is RESOURCE_EXHAUSTED
+            headers["grpc-status"] = str(GRPC_RESOURCE_EXHAUSTED)
         kind = decision.exceeded or "requests"
         return _denied(
             GRPC_RESOURCE_EXHAUSTED,
@@ -86,6 +88,16 @@ def deny(error: Exception) -> bytes:
             "rate_limit_exceeded",
             f"Rate limit reached for {kind} per minute. Retry after {headers['retry-after']}s.",
             headers,
+        )
+    if isinstance(error, QuotaExceeded):
+        extra = {"grpc-status": str(GRPC_RESOURCE_EXHAUSTED)} if grpc_client else {}
+        return _denied(
+            GRPC_RESOURCE_EXHAUSTED,
+            StatusCode.TooManyRequests,
+            "insufficient_quota",
+            "insufficient_quota",
+            str(error),
+            extra,
         )
     if isinstance(error, PermissionDenied):
         return _denied(
@@ -115,9 +127,10 @@ class ExtAuthz:
             return deny(Unauthenticated("no HTTP attributes in the check request"))
         try:
             verdict = await self._authorizer.authorize(http.headers.get("authorization", ""), http.path)
-        except (Unauthenticated, PermissionDenied, Unavailable, RateLimited) as error:
+        except (Unauthenticated, PermissionDenied, Unavailable, RateLimited, QuotaExceeded) as error:
             log.info("denied", path=http.path, reason=str(error), request_id=http.headers.get("x-request-id"))
-            return deny(error)
+            grpc_client = http.headers.get("content-type", "").startswith("application/grpc")
+            return deny(error, grpc_client)
         return allow(verdict)
 
 

@@ -29,6 +29,9 @@ class AuthSettings(ServiceSettings):
     jwt_issuers: list[IssuerConfig] = Field(
         default_factory=list, description="Trusted JWT issuers (JSON list of {issuer, audience, tenant_id, jwks_file})."
     )
+    billing_target: str | None = Field(
+        None, description="host:port of Envoy's mesh listener for billing; budgets are not enforced without it."
+    )
     rate_limit_failure: Literal["open", "closed"] = Field(
         "open", description="When Redis is down: admit requests (open) or refuse them with 503 (closed)."
     )

@@ -11,6 +11,7 @@ from mariana_common.server import create_server, run, serve
 from services.billing.consumer import UsageConsumer
 from services.billing.events import UsageStreamSettings
 from services.billing.ledger import Ledger
+from services.billing.prices import load_prices
 from services.billing.servicer import SERVICE_NAME, register
 from services.billing.settings import BillingSettings
 
@@ -21,7 +22,14 @@ async def main() -> None:
     configure_logging("billing", settings.log_level)
     ledger = Ledger(settings.db_path)
     client = redis.Redis.from_url(stream.redis_url)
-    consumer = UsageConsumer(client, ledger, stream.usage_stream, settings.consumer_group, settings.consumer_name)
+    consumer = UsageConsumer(
+        client,
+        ledger,
+        load_prices(settings.prices_file),
+        stream.usage_stream,
+        settings.consumer_group,
+        settings.consumer_name,
+    )
     stop = asyncio.Event()
     consuming = asyncio.create_task(consumer.run(stop))
     server = create_server(settings, register(ledger), [SERVICE_NAME])

@@ -14,14 +14,16 @@ import structlog
 
 from services.billing.events import decode
 from services.billing.ledger import Entry, Ledger
+from services.billing.prices import PriceCatalog
 
 log = structlog.get_logger()
 
 DEAD_LETTER_SUFFIX = ":dead"
 
 
-def to_entry(fields: dict[bytes, bytes]) -> Entry:
+def to_entry(fields: dict[bytes, bytes], prices: PriceCatalog) -> Entry:
     e = decode(fields)
+    cost = prices.price(e.model).cost_micros(e.prompt_tokens, e.completion_tokens)
     return Entry(
         e.request_id,
         e.tenant_id,
@@ -31,6 +33,7 @@ def to_entry(fields: dict[bytes, bytes]) -> Entry:
         e.completion_tokens,
         e.finish_reason,
         e.completed_at,
+        cost,
     )
 
 
@@ -39,6 +42,7 @@ class UsageConsumer:
         self,
         client: redis.Redis,
         ledger: Ledger,
+        prices: PriceCatalog,
         stream: str,
         group: str,
         name: str,
@@ -47,6 +51,7 @@ class UsageConsumer:
     ) -> None:
         self._redis = client
         self._ledger = ledger
+        self._prices = prices
         self._stream = stream
         self._group = group
         self._name = name
@@ -83,7 +88,7 @@ class UsageConsumer:
         decoded = []
         for message_id, fields in messages:
             try:
-                decoded.append((message_id, fields, to_entry(fields)))
+                decoded.append((message_id, fields, to_entry(fields, self._prices)))
             except ValueError as exc:
                 await self._dead_letter(message_id, fields, str(exc))
         applied = await self._record(decoded) if decoded else 0

@@ -1,5 +1,6 @@
-"""The usage ledger in SQLite. The request id is the primary key, so applying
-an event twice changes nothing."""
+"""The usage ledger in SQLite, and tenants' budgets. The request id is the
+primary key, so applying an event twice changes nothing. Money is integer
+micro-units."""
 
 from __future__ import annotations
 
@@ -17,10 +18,21 @@ CREATE TABLE IF NOT EXISTS usage_entries (
     prompt_tokens     INTEGER NOT NULL CHECK (prompt_tokens >= 0),
     completion_tokens INTEGER NOT NULL CHECK (completion_tokens >= 0),
     finish_reason     TEXT NOT NULL,
-    completed_at      REAL NOT NULL
+    completed_at      REAL NOT NULL,
+    cost_micros       INTEGER NOT NULL DEFAULT 0 CHECK (cost_micros >= 0)
 );
 CREATE INDEX IF NOT EXISTS usage_by_tenant ON usage_entries (tenant_id, completed_at);
+CREATE TABLE IF NOT EXISTS budgets (
+    tenant_id         TEXT PRIMARY KEY,
+    hard_limit_micros INTEGER NOT NULL CHECK (hard_limit_micros >= 0),
+    soft_limit_micros INTEGER NOT NULL CHECK (soft_limit_micros >= 0)
+);
 """
+
+
+COLUMNS = (
+    "request_id, tenant_id, key_id, model, prompt_tokens, completion_tokens, finish_reason, completed_at, cost_micros"
+)
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,23 @@ class Entry:
     completion_tokens: int
     finish_reason: str
     completed_at: float
+    cost_micros: int = 0
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    tenant_id: str
+    spent_micros: int
+    hard_limit_micros: int  # 0: no limit
+    soft_limit_micros: int
+
+    @property
+    def over_hard(self) -> bool:
+        return bool(self.hard_limit_micros) and self.spent_micros >= self.hard_limit_micros
+
+    @property
+    def over_soft(self) -> bool:
+        return bool(self.soft_limit_micros) and self.spent_micros >= self.soft_limit_micros
 
 
 class Ledger:
@@ -42,6 +71,9 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(usage_entries)")}
+        if "cost_micros" not in columns:  # a ledger from before prices existed
+            self._db.execute("ALTER TABLE usage_entries ADD COLUMN cost_micros INTEGER NOT NULL DEFAULT 0")
         self._lock = threading.Lock()
 
     def record(self, entries: list[Entry]) -> int:
@@ -53,7 +85,8 @@ class Ledger:
                 self._db.executemany(
                     # Only a duplicate request id is ignored; OR IGNORE would also
                     # drop rows that break a CHECK, silently.
-                    "INSERT INTO usage_entries VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
+                    f"INSERT INTO usage_entries ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (request_id) DO NOTHING",
                     [
                         (
                             e.request_id,
@@ -64,6 +97,7 @@ class Ledger:
                             e.completion_tokens,
                             e.finish_reason,
                             e.completed_at,
+                            e.cost_micros,
                         )
                         for e in entries
                     ],
@@ -75,7 +109,7 @@ class Ledger:
             return self._db.total_changes - before
 
     def entries(self, tenant_id: str, request_id: str = "") -> list[Entry]:
-        query = "SELECT * FROM usage_entries WHERE tenant_id = ?"
+        query = f"SELECT {COLUMNS} FROM usage_entries WHERE tenant_id = ?"
         params: tuple[str, ...] = (tenant_id,)
         if request_id:
             query += " AND request_id = ?"
@@ -83,6 +117,27 @@ class Ledger:
         with self._lock:
             rows = self._db.execute(query + " ORDER BY completed_at", params).fetchall()
         return [Entry(*row) for row in rows]
+
+    def set_budget(self, tenant_id: str, hard_limit_micros: int, soft_limit_micros: int) -> BudgetStatus:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO budgets VALUES (?, ?, ?) ON CONFLICT (tenant_id) DO UPDATE SET "
+                "hard_limit_micros = excluded.hard_limit_micros, soft_limit_micros = excluded.soft_limit_micros",
+                (tenant_id, hard_limit_micros, soft_limit_micros),
+            )
+        return self.budget_status(tenant_id)
+
+    def budget_status(self, tenant_id: str) -> BudgetStatus:
+        """All-time spend against the tenant's budget."""
+        with self._lock:
+            spent = self._db.execute(
+                "SELECT COALESCE(SUM(cost_micros), 0) FROM usage_entries WHERE tenant_id = ?", (tenant_id,)
+            ).fetchone()[0]
+            row = self._db.execute(
+                "SELECT hard_limit_micros, soft_limit_micros FROM budgets WHERE tenant_id = ?", (tenant_id,)
+            ).fetchone()
+        hard, soft = row if row else (0, 0)
+        return BudgetStatus(tenant_id, int(spent), int(hard), int(soft))
 
     def close(self) -> None:
         self._db.close()

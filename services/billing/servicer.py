@@ -10,7 +10,7 @@ from mariana.billing.v1 import billing_pb2 as pb
 from mariana.billing.v1 import billing_pb2_grpc as pb_grpc
 from mariana_common.errors import InvalidArgument
 from mariana_common.server import Context, Registrar
-from services.billing.ledger import Entry, Ledger
+from services.billing.ledger import BudgetStatus, Entry, Ledger
 
 SERVICE_NAME = "mariana.billing.v1.BillingService"
 
@@ -25,6 +25,18 @@ def entry_to_proto(e: Entry) -> pb.LedgerEntry:
         completion_tokens=e.completion_tokens,
         finish_reason=e.finish_reason,
         completed_at=e.completed_at,
+        cost_micros=e.cost_micros,
+    )
+
+
+def budget_to_proto(b: BudgetStatus) -> pb.BudgetStatus:
+    return pb.BudgetStatus(
+        tenant_id=b.tenant_id,
+        spent_micros=b.spent_micros,
+        hard_limit_micros=b.hard_limit_micros,
+        soft_limit_micros=b.soft_limit_micros,
+        over_hard_limit=b.over_hard,
+        over_soft_limit=b.over_soft,
     )
 
 
@@ -40,7 +52,28 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
             entries=[entry_to_proto(e) for e in entries],
             prompt_tokens=sum(e.prompt_tokens for e in entries),
             completion_tokens=sum(e.completion_tokens for e in entries),
+            cost_micros=sum(e.cost_micros for e in entries),
         )
+
+    async def SetBudget(self, request: pb.SetBudgetRequest, context: Context) -> pb.SetBudgetResponse:
+        if not request.tenant_id:
+            raise InvalidArgument("tenant_id is required")
+        if (
+            request.soft_limit_micros
+            and request.hard_limit_micros
+            and request.soft_limit_micros > request.hard_limit_micros
+        ):
+            raise InvalidArgument("the soft limit must not exceed the hard limit")
+        status = await asyncio.to_thread(
+            self._ledger.set_budget, request.tenant_id, request.hard_limit_micros, request.soft_limit_micros
+        )
+        return pb.SetBudgetResponse(status=budget_to_proto(status))
+
+    async def GetBudgetStatus(self, request: pb.GetBudgetStatusRequest, context: Context) -> pb.GetBudgetStatusResponse:
+        if not request.tenant_id:
+            raise InvalidArgument("tenant_id is required")
+        status = await asyncio.to_thread(self._ledger.budget_status, request.tenant_id)
+        return pb.GetBudgetStatusResponse(status=budget_to_proto(status))
 
 
 def register(ledger: Ledger) -> Registrar:

@@ -7,12 +7,14 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from mariana_common.settings import ServiceSettings
+from services.billing.prices import DEFAULT_FILE as DEFAULT_PRICES
 
 
 class BillingSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="MARIANA_BILLING_", extra="ignore", frozen=True)
 
     db_path: Path = Field(Path(".data/billing/ledger.db"), description="SQLite ledger file.")
+    prices_file: Path = Field(DEFAULT_PRICES, description="Price catalog (YAML, micro-units per million tokens).")
     consumer_group: str = Field("billing", description="Consumer group on the usage stream.")
     consumer_name: str = Field(
         default_factory=socket.gethostname,

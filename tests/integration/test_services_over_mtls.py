@@ -32,6 +32,7 @@ from services.auth.store import KeyStore, Scopes
 from services.billing import servicer as billing_servicer
 from services.billing.consumer import DEAD_LETTER_SUFFIX, UsageConsumer
 from services.billing.ledger import Ledger
+from services.billing.prices import load_prices
 from services.moderation import servicer as moderation_servicer
 from services.moderation.moderator import Moderator
 from services.moderation.policy import load_policy
@@ -181,7 +182,7 @@ async def test_usage_flows_from_publisher_to_ledger_exactly_once(flush_redis: st
     await client.xadd("usage", {b"event": b"\xff garbage"})
 
     ledger = Ledger(tmp_path / "ledger.db")
-    consumer = UsageConsumer(client, ledger, "usage", "billing", "c1", block_ms=50)
+    consumer = UsageConsumer(client, ledger, load_prices(), "usage", "billing", "c1", block_ms=50)
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop))
     for _ in range(100):
@@ -202,7 +203,7 @@ async def test_usage_flows_from_publisher_to_ledger_exactly_once(flush_redis: st
 async def test_unacknowledged_entries_are_applied_after_a_restart(flush_redis: str, tmp_path: Path) -> None:
     client = aioredis.Redis.from_url(flush_redis)
     ledger = Ledger(tmp_path / "ledger.db")
-    consumer = UsageConsumer(client, ledger, "usage", "billing", "c1", block_ms=50)
+    consumer = UsageConsumer(client, ledger, load_prices(), "usage", "billing", "c1", block_ms=50)
     await consumer.ensure_group()
     publisher = RedisUsagePublisher(client, "usage")
     publisher.start()

@@ -103,3 +103,22 @@ def test_endpoint_of() -> None:
 async def test_no_master_key_means_no_admin(store: KeyStore) -> None:
     with pytest.raises(Unauthenticated):
         await Authorizer(store, None).authorize(f"Bearer {MASTER}", "/v1/models")
+
+
+class FixedBudgets:
+    def __init__(self, over: set[str]) -> None:
+        self.over = over
+
+    async def over_hard_limit(self, tenant_id: str) -> bool:
+        return tenant_id in self.over
+
+
+async def test_tenant_over_its_hard_budget_is_refused(store: KeyStore) -> None:
+    from services.auth.authorizer import QuotaExceeded
+
+    broke, fine = store.create_tenant("broke"), store.create_tenant("fine")
+    authorizer = Authorizer(store, MASTER, budgets=FixedBudgets({broke.id}))
+    with pytest.raises(QuotaExceeded):
+        await authorizer.authorize(f"Bearer {store.create_key(broke.id).secret}", "/v1/models")
+    await authorizer.authorize(f"Bearer {store.create_key(fine.id).secret}", "/v1/models")
+    await authorizer.authorize(f"Bearer {MASTER}", "/v1/models")  # admins are not budgeted

@@ -8,6 +8,7 @@ from mariana.billing.v1.billing_pb2 import UsageEvent
 from services.billing.consumer import to_entry
 from services.billing.events import decode, encode
 from services.billing.ledger import Entry, Ledger
+from services.billing.prices import Price, load_prices
 
 
 def entry(request_id: str, tenant: str = "t1", prompt: int = 10, completion: int = 5) -> Entry:
@@ -39,7 +40,10 @@ def test_negative_tokens_roll_back_the_whole_batch(tmp_path: Path) -> None:
 def test_event_round_trip() -> None:
     event = UsageEvent(request_id="r", tenant_id="t", key_id="k", model="m", prompt_tokens=3, completion_tokens=4)
     assert decode(encode(event)) == event
-    assert to_entry(encode(event)).completion_tokens == 4
+    entry = to_entry(encode(event), load_prices())
+    assert (
+        entry.completion_tokens == 4 and entry.cost_micros == 11
+    )  # 3 in at 1.0 + 4 out at 2.0 per token (default price)
 
 
 @pytest.mark.parametrize(
@@ -48,3 +52,26 @@ def test_event_round_trip() -> None:
 def test_malformed_entries_are_rejected(fields: dict[bytes, bytes]) -> None:
     with pytest.raises(ValueError):
         decode(fields)
+
+
+def test_prices_are_integer_and_round_up() -> None:
+    price = Price(input_per_million=100_000, output_per_million=200_000)
+    assert price.cost_micros(1, 0) == 1  # 0.1 micro-units is still charged
+    assert price.cost_micros(10, 10) == 3
+    assert price.cost_micros(0, 0) == 0
+    catalog = load_prices()
+    assert catalog.price("smollm2-135m-instruct").input_per_million == 100_000
+    assert catalog.price("unknown-model") == catalog.default
+
+
+def test_budget_status_tracks_spend(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.db")
+    assert not ledger.budget_status("t1").over_hard  # no budget: never over
+    ledger.set_budget("t1", hard_limit_micros=100, soft_limit_micros=50)
+    ledger.record([Entry("r1", "t1", "k", "m", 1, 1, "stop", 1.0, 60)])
+    status = ledger.budget_status("t1")
+    assert (status.spent_micros, status.over_soft, status.over_hard) == (60, True, False)
+    ledger.record(
+        [Entry("r2", "t1", "k", "m", 1, 1, "stop", 1.0, 40), Entry("r2", "t1", "k", "m", 1, 1, "stop", 1.0, 40)]
+    )
+    assert ledger.budget_status("t1").over_hard and ledger.budget_status("t1").spent_micros == 100
