@@ -21,6 +21,9 @@ class LauncherSettings(BaseSettings):
     model_dir: Path | None = Field(None, description="Checkpoint directory; default data_dir/models/<default model>.")
     inference_backend: Literal["deepspeed", "torch"] = Field("deepspeed", description="Inference backend.")
     log_level: str = Field("info", description="Log level of every service.")
+    edge_auth: bool = Field(
+        True, description="false drops ext_authz at the edge: for measuring auth's cost only, never for serving."
+    )
     start_timeout_s: float = Field(180.0, gt=0, description="How long start-up may take before it is abandoned.")
 
     def resolved_model_dir(self) -> Path:

@@ -141,7 +141,7 @@ class Stack:
         for process, port in started:
             wait_until(grpc_serving(port, credentials), process.name, deadline, process)
 
-        envoy_config = write_bootstrap(plan, self.data_dir / "envoy" / "envoy.json")
+        envoy_config = write_bootstrap(plan, self.data_dir / "envoy" / "envoy.json", self.settings.edge_auth)
         envoy = self._spawn(
             "envoy",
             [

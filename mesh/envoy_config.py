@@ -33,6 +33,8 @@ from envoy_data_plane.envoy.config.core.v3 import (
     DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
+    HeaderValue,
+    HeaderValueOption,
     HealthCheck,
     HealthCheckGrpcHealthCheck,
     Http2ProtocolOptions,
@@ -254,7 +256,11 @@ def _transcoder(plan: Plan, *, sse: bool) -> GrpcJsonTranscoder:
     )
 
 
-def edge_listener(plan: Plan) -> Listener:
+# Identity the edge asserts when auth is turned off (measurements only).
+UNAUTHENTICATED_IDENTITY = {"x-mariana-tenant": "anonymous", "x-mariana-key-id": "anonymous"}
+
+
+def edge_listener(plan: Plan, auth: bool = True) -> Listener:
     services = plan.topology.services
     routes = [
         Route(
@@ -289,9 +295,14 @@ def edge_listener(plan: Plan) -> Listener:
         failure_mode_allow=False,
         status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
     )
-    strip_identity = HeaderMutation(
-        mutations=Mutations(request_mutations=[HeaderMutationRule(remove=h) for h in IDENTITY_HEADERS])
-    )
+    mutations = [HeaderMutationRule(remove=h) for h in IDENTITY_HEADERS]
+    if not auth:
+        mutations += [
+            HeaderMutationRule(append=HeaderValueOption(header=HeaderValue(key=k, value=v)))
+            for k, v in UNAUTHENTICATED_IDENTITY.items()
+        ]
+    strip_identity = HeaderMutation(mutations=Mutations(request_mutations=mutations))
+    authz = [_http_filter("envoy.filters.http.ext_authz", ext_authz)] if auth else []
     manager = HttpConnectionManager(
         stat_prefix="edge",
         codec_type=HttpConnectionManagerCodecType.AUTO,
@@ -301,7 +312,7 @@ def edge_listener(plan: Plan) -> Listener:
         ),
         http_filters=[
             _http_filter("envoy.filters.http.header_mutation", strip_identity),
-            _http_filter("envoy.filters.http.ext_authz", ext_authz),
+            *authz,
             _http_filter(
                 "envoy.filters.http.lua", Lua(default_source_code=DataSource(inline_string=STREAM_SWITCH_LUA))
             ),
@@ -369,9 +380,11 @@ def mesh_listener(plan: Plan, name: str, service: Service) -> Listener:
     )
 
 
-def render_bootstrap(plan: Plan) -> Bootstrap:
+def render_bootstrap(plan: Plan, edge_auth: bool = True) -> Bootstrap:
+    """`edge_auth=False` drops ext_authz (and asserts an anonymous identity):
+    for measuring what auth costs, never for serving."""
     services = plan.topology.services
-    listeners = [edge_listener(plan)] + [
+    listeners = [edge_listener(plan, edge_auth)] + [
         mesh_listener(plan, name, s) for name, s in services.items() if name in plan.mesh_ports
     ]
     return Bootstrap(
@@ -396,7 +409,7 @@ def _fix_json_names(node: object) -> object:
     return node
 
 
-def write_bootstrap(plan: Plan, path: Path) -> Path:
+def write_bootstrap(plan: Plan, path: Path, edge_auth: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_fix_json_names(render_bootstrap(plan).to_dict()), indent=1))
+    path.write_text(json.dumps(_fix_json_names(render_bootstrap(plan, edge_auth).to_dict()), indent=1))
     return path

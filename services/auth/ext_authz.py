@@ -7,6 +7,7 @@ JSON body."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import grpc
@@ -52,17 +53,28 @@ def _header(name: str, value: str) -> HeaderValueOption:
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def _identity_part(tenant_id: str, key_id: str, models: str) -> bytes:
+    headers = [_header(TENANT_HEADER, tenant_id), _header(KEY_ID_HEADER, key_id), _header(MODELS_HEADER, models)]
+    return bytes(CheckResponse(status=Status(code=GRPC_OK), ok_response=OkHttpResponse(headers=headers)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _rate_part(headers: tuple[tuple[str, str], ...]) -> bytes:
+    ok = OkHttpResponse(response_headers_to_add=[_header(k, v) for k, v in headers])
+    return bytes(CheckResponse(ok_response=ok))
+
+
 def allow(verdict: Verdict) -> bytes:
+    """Built from cached, pre-serialized parts: protobuf merges concatenated
+    messages (sub-messages merge, repeated fields append), and the parts repeat
+    from request to request, so building the answer costs a lookup, not a
+    serialization."""
     identity = verdict.identity
-    headers = [
-        _header(TENANT_HEADER, identity.tenant_id),
-        _header(KEY_ID_HEADER, identity.key_id),
-        _header(MODELS_HEADER, ",".join(sorted(identity.scopes.models))),
-    ]
-    ok = OkHttpResponse(
-        headers=headers, response_headers_to_add=[_header(k, v) for k, v in verdict.rate.headers.items()]
-    )
-    return bytes(CheckResponse(status=Status(code=GRPC_OK), ok_response=ok))
+    answer = _identity_part(identity.tenant_id, identity.key_id, ",".join(sorted(identity.scopes.models)))
+    if verdict.rate.headers:
+        answer += _rate_part(tuple(sorted(verdict.rate.headers.items())))
+    return answer
 
 
 def _denied(
