@@ -8,6 +8,7 @@ import asyncio
 import hmac
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis.asyncio as redis
@@ -94,6 +95,8 @@ class Authorizer:
         budgets: Budgets | None = None,
         fail_open: bool = True,
         cache_ttl_s: float = 1.0,
+        wall_clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
         self._master_key = master_key.encode() if master_key else None
@@ -102,6 +105,8 @@ class Authorizer:
         self._budgets = budgets
         self._fail_open = fail_open
         self._cache_ttl_s = cache_ttl_s
+        self._wall_clock = wall_clock
+        self._monotonic = monotonic
         # credential -> (identity, expiry). The TTL bounds how long a key
         # revoked on another replica lives on here.
         self._cache: dict[str, tuple[Identity, float]] = {}
@@ -117,7 +122,7 @@ class Authorizer:
         key_id = split_key(key)
         record = self._store.lookup(key_id) if key_id else None
         matches = hmac.compare_digest(self._store.hash_key(key), record.key_hash if record else "0" * 64)
-        if record is None or not matches or not record.usable(time.time()):
+        if record is None or not matches or not record.usable(self._wall_clock()):
             raise Unauthenticated(INVALID_KEY)
         tenant = self._store.find_tenant(record.tenant_id)
         return Identity(
@@ -143,11 +148,11 @@ class Authorizer:
         return Identity(tenant.id, f"jwt:{subject}", False, Scopes(), None, None, tenant.rpm, tenant.tpm)
 
     async def identify(self, token: str) -> Identity:
-        now = time.monotonic()
+        now = self._monotonic()
         cached = self._cache.get(token)
         if cached is not None and cached[1] > now:
             identity = cached[0]
-            if identity.expires_at is None or time.time() < identity.expires_at:
+            if identity.expires_at is None or self._wall_clock() < identity.expires_at:
                 return identity
         # A JWT's own expiry is checked on every use; its cache entry is short.
         identify = self._identify_jwt if looks_like_jwt(token) else self._identify_key

@@ -177,11 +177,12 @@ async def test_kv_budget_is_resource_exhausted(loaded: LoadedModel) -> None:
 async def test_drain_finishes_admitted_and_refuses_new(loaded: LoadedModel) -> None:
     draining = Engine(MODEL, loaded, 64, Limits())
     try:
-        running = asyncio.create_task(collect(draining.generate(chat("Say something.", temperature=0, max_tokens=8))))
-        await asyncio.sleep(0.05)
+        stream = draining.generate(chat("Say something.", temperature=0, max_tokens=8))
+        first = await anext(stream)  # admitted and running
+        running = asyncio.create_task(collect(stream))
         assert await draining.drain(timeout_s=30)
         _, final = await running
-        assert final.finish_reason in ("stop", "length")
+        assert first.finish_reason is None and final.finish_reason in ("stop", "length")
         with pytest.raises(Unavailable):
             await anext(draining.generate(chat("Too late.")))
     finally:
