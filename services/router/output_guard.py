@@ -27,6 +27,9 @@ class OutputGuard:
             raise ValueError("window_chars must be at least 2")
         self._check = check
         self._window = window_chars
+        # The first window is a quarter size, so the first text reaches the
+        # client sooner; later ones are full size.
+        self._current = max(2, window_chars // 4)
         self._pending = ""
 
     async def _release(self, text: str) -> str:
@@ -38,14 +41,16 @@ class OutputGuard:
     async def feed(self, text: str) -> str:
         """The text that may be sent now (possibly empty)."""
         self._pending += text
-        if len(self._pending) < self._window:
+        size = self._current
+        if len(self._pending) < size:
             return ""
-        cut = max(self._pending.rfind(" ", self._window // 2), self._pending.rfind("\n", self._window // 2))
+        cut = max(self._pending.rfind(" ", size // 2), self._pending.rfind("\n", size // 2))
         if cut < 0:
-            if len(self._pending) < 4 * self._window:
+            if len(self._pending) < 4 * size:
                 return ""
             cut = len(self._pending)  # no whitespace for a long time: check what there is
         window, self._pending = self._pending[:cut], self._pending[cut:]
+        self._current = self._window
         return await self._release(window)
 
     async def finish(self) -> str:
