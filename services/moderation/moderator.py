@@ -16,6 +16,8 @@ from services.moderation.spans import CATEGORIES, Span
 from services.moderation.toxicity import ToxicityModel
 
 Direction = Literal["input", "output"]
+# How much preceding text the classifier reads with a text.
+CONTEXT_CHARS = 160
 
 
 @dataclass(frozen=True)
@@ -56,16 +58,17 @@ class Moderator:
         spans += find_injection(text) + self._blocklist.find(text)
         return sorted(spans, key=lambda s: s.start)
 
-    def scores(self, text: str, spans: Sequence[Span]) -> dict[str, float]:
+    def scores(self, text: str, spans: Sequence[Span], context: str = "") -> dict[str, float]:
         scores = dict.fromkeys(CATEGORIES, 0.0)
-        scores.update(self._toxicity.scores(text))
+        # A few words alone mislead a lexical classifier; what came before helps.
+        scores.update(self._toxicity.scores(f"{context[-CONTEXT_CHARS:]} {text}" if context else text))
         for span in spans:
             scores[span.category] = 1.0
         return scores
 
-    def check(self, text: str, tenant_id: str = "", direction: Direction = "input") -> Verdict:
+    def check(self, text: str, tenant_id: str = "", direction: Direction = "input", context: str = "") -> Verdict:
         spans = self.find(text)
-        scores = self.scores(text, spans)
+        scores = self.scores(text, spans, context)
         rules: Rules = self._policy().rules(tenant_id, direction)
         categories = {c: scores[c] >= rules[c].threshold for c in CATEGORIES}
         triggered = [c for c in CATEGORIES if categories[c] and rules[c].severity > Action.ALLOW]
@@ -81,5 +84,7 @@ class Moderator:
             redacted_text=redact(text, redactable) if action == Action.REDACT else text,
         )
 
-    def check_all(self, texts: Sequence[str], tenant_id: str = "", direction: Direction = "input") -> list[Verdict]:
-        return [self.check(t, tenant_id, direction) for t in texts]
+    def check_all(
+        self, texts: Sequence[str], tenant_id: str = "", direction: Direction = "input", context: str = ""
+    ) -> list[Verdict]:
+        return [self.check(t, tenant_id, direction, context) for t in texts]

@@ -53,11 +53,11 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         direction = DIRECTIONS.get(request.direction)
         if direction is None:
             raise InvalidArgument(f"unknown direction {request.direction}")
-        texts, tenant = list(request.texts), request.tenant_id
+        texts, tenant, preceding = list(request.texts), request.tenant_id, request.context
         if sum(len(t) for t in texts) <= INLINE_CHARS:
-            verdicts = self._moderator.check_all(texts, tenant, direction)
+            verdicts = self._moderator.check_all(texts, tenant, direction, preceding)
         else:
-            verdicts = await asyncio.to_thread(self._moderator.check_all, texts, tenant, direction)
+            verdicts = await asyncio.to_thread(self._moderator.check_all, texts, tenant, direction, preceding)
         return pb.CheckResponse(results=[verdict_to_proto(v) for v in verdicts])
 
 

@@ -108,7 +108,12 @@ class Inference(Protocol):
 
 class Moderation(Protocol):
     async def check(
-        self, texts: Sequence[str], request_id: str, tenant_id: str = "", direction: Direction = "input"
+        self,
+        texts: Sequence[str],
+        request_id: str,
+        tenant_id: str = "",
+        direction: Direction = "input",
+        context: str = "",
     ) -> list[ModerationVerdict]: ...
 
 

@@ -60,8 +60,8 @@ class Gateway:
         if not self._output_window_chars:
             return None
 
-        async def check(text: str) -> ModerationVerdict:
-            (verdict,) = await self._moderation.check([text], caller.request_id, caller.tenant_id, "output")
+        async def check(text: str, context: str) -> ModerationVerdict:
+            (verdict,) = await self._moderation.check([text], caller.request_id, caller.tenant_id, "output", context)
             return verdict
 
         return OutputGuard(check, self._output_window_chars)

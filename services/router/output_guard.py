@@ -18,7 +18,9 @@ class ContentFiltered(Exception):
         self.reasons = reasons
 
 
-Check = Callable[[str], Awaitable[ModerationVerdict]]
+# (window, the text sent before it) -> verdict on the window.
+Check = Callable[[str, str], Awaitable[ModerationVerdict]]
+CONTEXT_CHARS = 160
 
 
 class OutputGuard:
@@ -27,16 +29,19 @@ class OutputGuard:
             raise ValueError("window_chars must be at least 2")
         self._check = check
         self._window = window_chars
-        # The first window is a quarter size, so the first text reaches the
-        # client sooner; later ones are full size.
-        self._current = max(2, window_chars // 4)
+        # The first window is half size, so the first text reaches the client
+        # sooner; later ones are full size and come with context.
+        self._current = max(2, window_chars // 2)
         self._pending = ""
+        self._sent = ""
 
     async def _release(self, text: str) -> str:
-        verdict = await self._check(text)
+        verdict = await self._check(text, self._sent)
         if verdict.action == "block":
             raise ContentFiltered(verdict.reasons)
-        return verdict.redacted_text if verdict.action == "redact" else text
+        released = verdict.redacted_text if verdict.action == "redact" else text
+        self._sent = (self._sent + released)[-CONTEXT_CHARS:]
+        return released
 
     async def feed(self, text: str) -> str:
         """The text that may be sent now (possibly empty)."""

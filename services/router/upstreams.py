@@ -122,9 +122,16 @@ class GrpcModeration:
         self._timeout_s = timeout_s
 
     async def check(
-        self, texts: Sequence[str], request_id: str, tenant_id: str = "", direction: Direction = "input"
+        self,
+        texts: Sequence[str],
+        request_id: str,
+        tenant_id: str = "",
+        direction: Direction = "input",
+        context: str = "",
     ) -> list[ModerationVerdict]:
-        request = mod.CheckRequest(texts=list(texts), tenant_id=tenant_id, direction=DIRECTIONS[direction])
+        request = mod.CheckRequest(
+            texts=list(texts), tenant_id=tenant_id, direction=DIRECTIONS[direction], context=context
+        )
         try:
             reply = await self._stub.Check(request, timeout=self._timeout_s, metadata=_metadata(request_id))
         except grpc.aio.AioRpcError as error:

@@ -80,5 +80,5 @@ def test_tenant_may_send_pii_and_gets_it_redacted_in_output(platform: Platform) 
         temperature=0,
     )
     content = reply.choices[0].message.content or ""
-    assert content  # the input was let through (flagged only)
+    assert content, reply  # the input was let through (flagged only)
     assert "anna.schmidt@example.com" not in content  # output PII is redacted by default

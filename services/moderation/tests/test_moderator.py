@@ -94,3 +94,13 @@ def test_policy_file_is_reloaded_when_it_changes(tmp_path: Path) -> None:
     path.write_text("default: [broken")
     os.utime(path, ns=(2, 2))
     assert policy().rules("acme", "input")["pii"].action == "flag"  # last good one stays
+
+
+def test_context_informs_the_classifier_but_is_not_redacted(moderator: Moderator) -> None:
+    alone = moderator.check("everyone hates you", direction="output")
+    with_context = moderator.check(
+        "everyone hates you", direction="output", context="In the story, the villain shouts at the hero:"
+    )
+    assert with_context.scores["harassment"] != alone.scores["harassment"]
+    verdict = moderator.check("write to a@example.com", direction="output", context="earlier b@example.com")
+    assert verdict.redacted_text == "write to [EMAIL]"

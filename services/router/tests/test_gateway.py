@@ -49,7 +49,12 @@ class RuleModeration:
         self.calls: list[tuple[Direction, list[str]]] = []
 
     async def check(
-        self, texts: Sequence[str], request_id: str, tenant_id: str = "", direction: Direction = "input"
+        self,
+        texts: Sequence[str],
+        request_id: str,
+        tenant_id: str = "",
+        direction: Direction = "input",
+        context: str = "",
     ) -> list[ModerationVerdict]:
         self.calls.append((direction, list(texts)))
         verdicts = []

@@ -10,9 +10,13 @@ from services.router.output_guard import ContentFiltered, OutputGuard
 checked: list[str] = []
 
 
-async def fake_check(text: str) -> ModerationVerdict:
+contexts: list[str] = []
+
+
+async def fake_check(text: str, context: str) -> ModerationVerdict:
     """Blocks 'forbidden', redacts emails: enough to drive the guard."""
     checked.append(text)
+    contexts.append(context)
     if "forbidden" in text:
         return ModerationVerdict(True, {}, {}, "block", ("blocklist (term)",))
     redacted = re.sub(r"\S+@\S+", "[EMAIL]", text)
@@ -60,3 +64,10 @@ async def test_long_text_without_spaces_is_still_checked() -> None:
     checked.clear()
     text = await run(["x" * 100], window=16)
     assert text == "x" * 100 and checked
+
+
+async def test_each_window_is_checked_with_what_was_sent_before() -> None:
+    contexts.clear()
+    text = await run(["first part of it ", "and then the second ", "and a third piece "], window=16)
+    assert contexts[0] == ""
+    assert contexts[1] and text.startswith(contexts[1])
