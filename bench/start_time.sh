@@ -18,7 +18,7 @@ for phase in cold warm; do
     if ! kill -0 "$pid" 2>/dev/null; then echo "$phase start failed:"; tail -20 "$log"; exit 1; fi
     sleep 0.2
   done
-  echo "$phase start: $(echo "$(date +%s.%N) - $started" | bc) s"
+  echo "$phase start: $(python3 -c "import sys; print(round(float(sys.argv[1]) - float(sys.argv[2]), 1))" "$(date +%s.%N)" "$started") s"
   kill -TERM -- "-$pid"
   wait "$pid" || true
 done
