@@ -29,6 +29,7 @@ async def main() -> None:
         stream.usage_stream,
         settings.consumer_group,
         settings.consumer_name,
+        reclaim_idle_ms=settings.reclaim_idle_ms,
     )
     stop = asyncio.Event()
     consuming = asyncio.create_task(consumer.run(stop))

@@ -48,6 +48,7 @@ class UsageConsumer:
         name: str,
         batch: int = 200,
         block_ms: int = 1000,
+        reclaim_idle_ms: int = 30_000,
     ) -> None:
         self._redis = client
         self._ledger = ledger
@@ -57,6 +58,7 @@ class UsageConsumer:
         self._name = name
         self._batch = batch
         self._block_ms = block_ms
+        self._reclaim_idle_ms = reclaim_idle_ms
 
     async def ensure_group(self) -> None:
         try:
@@ -101,17 +103,40 @@ class UsageConsumer:
         )
         return list(reply[0][1]) if reply else []
 
+    async def reclaim(self) -> int:
+        """Takes over entries another consumer read but has not acknowledged for
+        `reclaim_idle_ms` (it crashed and did not come back) and applies them."""
+        claimed, start = 0, "0-0"
+        while True:
+            reply: Any = await self._redis.xautoclaim(
+                self._stream, self._group, self._name, self._reclaim_idle_ms, start_id=start, count=self._batch
+            )
+            start, messages = reply[0], [m for m in reply[1] if m[1] is not None]
+            if messages:
+                await self.apply(messages)
+                claimed += len(messages)
+            if start in (b"0-0", "0-0"):
+                return claimed
+
     async def run(self, stop: asyncio.Event) -> None:
         await self.ensure_group()
-        # First what this consumer read but did not acknowledge before a crash.
+        # First what this consumer read but did not acknowledge before a crash,
+        # then what consumers that are gone left behind.
         while pending := await self._read("0"):
             await self.apply(pending)
+        await self.reclaim()
+        loop = asyncio.get_running_loop()
+        next_reclaim = loop.time() + self._reclaim_idle_ms / 1000
         while not stop.is_set():
             try:
                 messages = await self._read(">")
                 if messages:
                     applied = await self.apply(messages)
                     log.info("usage applied", received=len(messages), new=applied)
+                if loop.time() >= next_reclaim:
+                    next_reclaim = loop.time() + self._reclaim_idle_ms / 1000
+                    if claimed := await self.reclaim():
+                        log.warning("reclaimed usage left by a gone consumer", entries=claimed)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("redis unavailable; retrying", error=str(exc))
                 await asyncio.sleep(1)

@@ -16,6 +16,9 @@ class BillingSettings(ServiceSettings):
     db_path: Path = Field(Path(".data/billing/ledger.db"), description="SQLite ledger file.")
     prices_file: Path = Field(DEFAULT_PRICES, description="Price catalog (YAML, micro-units per million tokens).")
     consumer_group: str = Field("billing", description="Consumer group on the usage stream.")
+    reclaim_idle_ms: int = Field(
+        30_000, ge=0, description="Entries another consumer left unacknowledged this long are taken over."
+    )
     consumer_name: str = Field(
         default_factory=socket.gethostname,
         description="This consumer's name in the group; stable names let a restart reclaim its pending entries.",

@@ -283,3 +283,20 @@ async def test_retry_hint_crosses_a_hop(pki: dict[str, CertFiles]) -> None:
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     passed_on = error_from_rpc(error.value)
     assert isinstance(passed_on, ResourceExhausted) and passed_on.retry_after_s == 3
+
+
+async def test_entries_of_a_consumer_that_never_returns_are_reclaimed(flush_redis: str, tmp_path: Path) -> None:
+    client = aioredis.Redis.from_url(flush_redis)
+    ledger = Ledger(tmp_path / "ledger.db")
+    survivor = UsageConsumer(client, ledger, load_prices(), "usage", "billing", "survivor", reclaim_idle_ms=0)
+    await survivor.ensure_group()
+    publisher = RedisUsagePublisher(client, "usage")
+    publisher.start()
+    for i in range(5):
+        publisher.publish(usage(f"orphan-{i}"))
+    await publisher.close(5)
+    await client.xreadgroup("billing", "crashed-replica", {"usage": ">"}, count=10)  # read, never acked
+    assert await survivor.reclaim() == 5
+    assert sorted(e.request_id for e in ledger.entries("tenant-a")) == [f"orphan-{i}" for i in range(5)]
+    assert (await client.xpending("usage", "billing"))["pending"] == 0
+    await client.aclose()
