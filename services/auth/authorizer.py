@@ -145,7 +145,10 @@ class Authorizer:
         if tenant is None:
             raise Unauthenticated(INVALID_KEY)
         subject = SAFE_SUBJECT.sub("_", claims.subject)[:64]
-        return Identity(tenant.id, f"jwt:{subject}", False, Scopes(), None, None, tenant.rpm, tenant.tpm)
+        # The token's own expiry bounds the cached identity too.
+        return Identity(
+            tenant.id, f"jwt:{subject}", False, Scopes(), None, None, tenant.rpm, tenant.tpm, claims.expires_at
+        )
 
     async def identify(self, token: str) -> Identity:
         now = self._monotonic()
@@ -154,7 +157,6 @@ class Authorizer:
             identity = cached[0]
             if identity.expires_at is None or self._wall_clock() < identity.expires_at:
                 return identity
-        # A JWT's own expiry is checked on every use; its cache entry is short.
         identify = self._identify_jwt if looks_like_jwt(token) else self._identify_key
         identity = await asyncio.to_thread(identify, token)
         if len(self._cache) > 10_000:

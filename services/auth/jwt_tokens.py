@@ -35,6 +35,7 @@ class IssuerConfig(BaseModel):
 class Claims:
     issuer: IssuerConfig
     subject: str
+    expires_at: float
 
 
 def looks_like_jwt(token: str) -> bool:
@@ -81,4 +82,4 @@ class JwtVerifier:
             )
         except jwt.PyJWTError as error:
             raise Unauthenticated(INVALID_TOKEN) from error
-        return Claims(issuer, str(claims["sub"]))
+        return Claims(issuer, str(claims["sub"]), float(claims["exp"]))
