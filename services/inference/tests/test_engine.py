@@ -215,3 +215,31 @@ async def test_unknown_model_is_not_found(engine: Engine) -> None:
 async def test_bad_sampling_is_invalid(engine: Engine, sampling: dict[str, object]) -> None:
     with pytest.raises(InvalidArgument):
         await collect(engine.generate(chat("hi", **sampling)))
+
+
+async def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(loaded: LoadedModel) -> None:
+    """While a 600-token prompt is prefilled 64 tokens per iteration, the
+    running stream keeps getting tokens: it is not stalled for the whole prompt."""
+    chunked = Engine(MODEL, loaded, 64, Limits(prefill_chunk=64))
+    order: list[str] = []
+    try:
+        short = chunked.generate(chat("Count slowly from one to fifty.", temperature=0, max_tokens=60))
+        await anext(short)  # decoding now
+
+        async def drain_short() -> None:
+            async for _ in short:
+                order.append("short")
+
+        async def first_of_long() -> None:
+            long_prompt = GenerationInput(
+                MODEL, prompt="The history of the river. " * 100, sampling=Sampling(max_tokens=1)
+            )
+            async for _ in chunked.generate(long_prompt):
+                order.append("long")
+                return
+
+        await asyncio.gather(drain_short(), first_of_long())
+    finally:
+        chunked.close()
+    assert "long" in order
+    assert order.index("long") >= 5, order  # several decode steps happened during the long prefill
