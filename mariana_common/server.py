@@ -56,13 +56,8 @@ def create_server(
     settings: ServiceSettings,
     register: Registrar,
     service_names: Iterable[str],
-    *,
-    plaintext: bool = False,
 ) -> Server:
-    """Builds the server; `register` adds the service's servicers to it.
-
-    `plaintext` exists for unit tests of a servicer alone; every process the
-    platform runs uses mTLS."""
+    """Builds the server with mTLS; `register` adds the service's servicers to it."""
     server = grpc.aio.server(
         interceptors=[ErrorStatusInterceptor()],
         options=[("grpc.so_reuseport", 0)],
@@ -72,12 +67,8 @@ def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = tuple(service_names)
     reflection.enable_server_reflection((*names, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
-    address = f"{settings.host}:{settings.port}"
-    if plaintext:
-        port = server.add_insecure_port(address)
-    else:
-        credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
-        port = server.add_secure_port(address, credentials)
+    credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
+    port = server.add_secure_port(f"{settings.host}:{settings.port}", credentials)
     return Server(server, port, health_servicer, names)
 
 

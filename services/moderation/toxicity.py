@@ -12,7 +12,6 @@ import json
 import math
 import re
 import zlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +65,3 @@ class ToxicityModel:
                 logits += value * row
         probabilities = 1.0 / (1.0 + np.exp(-logits))
         return {c: float(p) for c, p in zip(self.categories, probabilities, strict=True)}
-
-    def scores_all(self, texts: Sequence[str]) -> list[dict[str, float]]:
-        return [self.scores(t) for t in texts]

@@ -54,6 +54,16 @@ def test_admin_rest_api_issues_lists_and_revokes(platform: Platform) -> None:
     assert admin(platform, "GET", "/admin/v1/tenants", key=str(secret)).status_code == 401
 
 
+def test_admin_rest_api_manages_tenants(platform: Platform) -> None:
+    created = admin(platform, "POST", "/admin/v1/tenants", name="tenant-by-rest", rpm=7, tpm=700)
+    assert created.status_code == 200, created.text
+    tenant = created.json()["tenant"]
+    assert (tenant["name"], tenant["rpm"], tenant["tpm"]) == ("tenant-by-rest", 7, 700)
+    listed = admin(platform, "GET", "/admin/v1/tenants").json()["tenants"]
+    assert tenant in listed
+    assert admin(platform, "POST", "/admin/v1/tenants", name="  ").status_code == 400
+
+
 def test_admin_api_refuses_a_tenant_key(platform: Platform) -> None:
     user = new_key(platform, tenant="plain-tenant")
     reply = admin(platform, "POST", "/admin/v1/keys", key=str(user["secret"]), tenant="plain-tenant")
