@@ -46,7 +46,7 @@ def events(n: int, rng: random.Random) -> list[UsageEvent]:
             prompt_tokens=rng.randint(1, 4000),
             completion_tokens=rng.randint(0, 1000),
             finish_reason="stop",
-            completed_at=1_700_000_000 + i,
+            completed_at=1_790_000_000 + i,
         )
         for i in range(n)
     ]
@@ -150,7 +150,10 @@ def main() -> None:
             len(all_events),
             sum(e.prompt_tokens for e in all_events),
             sum(e.completion_tokens for e in all_events),
-            sum(prices.price(e.model).cost_micros(e.prompt_tokens, e.completion_tokens) for e in all_events),
+            sum(
+                prices.price(e.model, e.completed_at).cost_micros(e.prompt_tokens, e.completion_tokens)
+                for e in all_events
+            ),
         )
         dead = client.xlen(STREAM + ":dead")
         print(f"events published: {args.events} (+{len(duplicates)} duplicates), SIGKILLs: {args.kills}")

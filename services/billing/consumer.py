@@ -23,7 +23,8 @@ DEAD_LETTER_SUFFIX = ":dead"
 
 def to_entry(fields: dict[bytes, bytes], prices: PriceCatalog) -> Entry:
     e = decode(fields)
-    cost = prices.price(e.model).cost_micros(e.prompt_tokens, e.completion_tokens)
+    price = prices.price(e.model, e.completed_at)
+    cost = price.cost_micros(e.prompt_tokens, e.completion_tokens, e.cached_prompt_tokens)
     return Entry(
         e.request_id,
         e.tenant_id,

@@ -8,7 +8,7 @@ from mariana.billing.v1.billing_pb2 import UsageEvent
 from services.billing.consumer import to_entry
 from services.billing.events import decode, encode
 from services.billing.ledger import Entry, Ledger
-from services.billing.prices import Price, load_prices
+from services.billing.prices import Price, PriceCatalog, load_prices
 
 
 def entry(request_id: str, tenant: str = "t1", prompt: int = 10, completion: int = 5) -> Entry:
@@ -38,7 +38,15 @@ def test_negative_tokens_roll_back_the_whole_batch(tmp_path: Path) -> None:
 
 
 def test_event_round_trip() -> None:
-    event = UsageEvent(request_id="r", tenant_id="t", key_id="k", model="m", prompt_tokens=3, completion_tokens=4)
+    event = UsageEvent(
+        request_id="r",
+        tenant_id="t",
+        key_id="k",
+        model="m",
+        prompt_tokens=3,
+        completion_tokens=4,
+        completed_at=1_790_000_000,
+    )
     assert decode(encode(event)) == event
     entry = to_entry(encode(event), load_prices())
     assert (
@@ -55,13 +63,36 @@ def test_malformed_entries_are_rejected(fields: dict[bytes, bytes]) -> None:
 
 
 def test_prices_are_integer_and_round_up() -> None:
-    price = Price(input_per_million=100_000, output_per_million=200_000)
+    price = Price(input_per_million=100_000, cached_input_per_million=50_000, output_per_million=200_000)
     assert price.cost_micros(1, 0) == 1  # 0.1 micro-units is still charged
     assert price.cost_micros(10, 10) == 3
     assert price.cost_micros(0, 0) == 0
-    catalog = load_prices()
-    assert catalog.price("smollm2-135m-instruct").input_per_million == 100_000
-    assert catalog.price("unknown-model") == catalog.default
+    assert price.cost_micros(20, 0, cached_prompt_tokens=20) == 1  # 20 x 0.05
+    assert Price(input_per_million=7, output_per_million=0).cost_micros(1_000_000, 0, 1_000_000) == 7
+
+
+def test_the_price_in_force_when_the_request_ran() -> None:
+    import datetime as dt
+
+    def at(day: str) -> float:
+        return dt.datetime.fromisoformat(day + "T12:00:00+00:00").timestamp()
+
+    catalog = PriceCatalog.model_validate(
+        {
+            "default": [{"effective_from": "2026-01-01", "input_per_million": 9, "output_per_million": 9}],
+            "models": {
+                "m": [
+                    {"effective_from": "2026-06-01", "input_per_million": 2, "output_per_million": 2},
+                    {"effective_from": "2026-03-01", "input_per_million": 1, "output_per_million": 1},
+                ]
+            },
+        }
+    )
+    assert catalog.price("m", at("2026-04-15")).input_per_million == 1
+    assert catalog.price("m", at("2026-06-01")).input_per_million == 2
+    assert catalog.price("m", at("2026-02-01")).input_per_million == 9  # before the model had a price
+    assert catalog.price("other", at("2026-07-01")).input_per_million == 9
+    assert load_prices().price("smollm2-135m-instruct", at("2026-11-25")).input_per_million == 100_000
 
 
 def test_budget_status_tracks_spend(tmp_path: Path) -> None:
