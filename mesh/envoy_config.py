@@ -99,6 +99,7 @@ from services.auth.ext_authz import IDENTITY_HEADERS
 
 LLM_SERVICE = "mariana.llm.v1.LlmService"
 AUTH_ADMIN_SERVICE = "mariana.auth.v1.AuthAdminService"
+BILLING_SERVICE = "mariana.billing.v1.BillingService"
 ADMIN_GRPC_PREFIXES = {"auth": "/mariana.auth.v1.AuthAdminService/", "billing": "/mariana.billing.v1.BillingService/"}
 CHAT_PATH = "/v1/chat/completions"
 CHAT_STREAM_PATH = CHAT_PATH + ":stream"
@@ -246,7 +247,7 @@ def cluster(plan: Plan, name: str, service: Service) -> Cluster:
 def _transcoder(plan: Plan, *, sse: bool) -> GrpcJsonTranscoder:
     return GrpcJsonTranscoder(
         proto_descriptor=str(plan.descriptor_set.resolve()),
-        services=[LLM_SERVICE, AUTH_ADMIN_SERVICE],
+        services=[LLM_SERVICE, AUTH_ADMIN_SERVICE, BILLING_SERVICE],
         convert_grpc_status=True,
         print_options=GrpcJsonTranscoderPrintOptions(
             preserve_proto_field_names=True,

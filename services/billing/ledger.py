@@ -9,6 +9,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from mariana_common.errors import InvalidArgument
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS usage_entries (
     request_id        TEXT PRIMARY KEY,
@@ -28,6 +30,19 @@ CREATE TABLE IF NOT EXISTS budgets (
     soft_limit_micros INTEGER NOT NULL CHECK (soft_limit_micros >= 0)
 );
 """
+
+
+# How usage_report groups; SQLite's date function (the ledger's SQL dialect).
+REPORT_GROUPS = {"day": "date(completed_at, 'unixepoch')", "model": "model", "key": "key_id"}
+
+
+@dataclass(frozen=True)
+class UsageLine:
+    group: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_micros: int
 
 
 COLUMNS = (
@@ -117,6 +132,22 @@ class Ledger:
         with self._lock:
             rows = self._db.execute(query + " ORDER BY completed_at", params).fetchall()
         return [Entry(*row) for row in rows]
+
+    def usage_report(self, tenant_id: str, start: float, end: float, group_by: str) -> list[UsageLine]:
+        """Usage in [start, end) grouped by day (UTC), model or key; 0 bounds nothing."""
+        column = REPORT_GROUPS.get(group_by)
+        if column is None:
+            raise InvalidArgument(f"group_by must be one of {', '.join(REPORT_GROUPS)}")
+        if end and start > end:
+            raise InvalidArgument("start must not be after end")
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {column}, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_micros) "
+                "FROM usage_entries WHERE tenant_id = ? AND completed_at >= ? AND completed_at < ? "
+                "GROUP BY 1 ORDER BY 1",
+                (tenant_id, start, end or float("inf")),
+            ).fetchall()
+        return [UsageLine(str(g), int(n), int(p), int(c), int(m)) for g, n, p, c, m in rows]
 
     def set_budget(self, tenant_id: str, hard_limit_micros: int, soft_limit_micros: int) -> BudgetStatus:
         with self._lock:

@@ -10,7 +10,8 @@ from mariana.billing.v1 import billing_pb2 as pb
 from mariana.billing.v1 import billing_pb2_grpc as pb_grpc
 from mariana_common.errors import InvalidArgument
 from mariana_common.server import Context, Registrar
-from services.billing.ledger import BudgetStatus, Entry, Ledger
+from services.billing.invoices import make_invoice, to_csv
+from services.billing.ledger import BudgetStatus, Entry, Ledger, UsageLine
 
 SERVICE_NAME = "mariana.billing.v1.BillingService"
 
@@ -74,6 +75,37 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
             raise InvalidArgument("tenant_id is required")
         status = await asyncio.to_thread(self._ledger.budget_status, request.tenant_id)
         return pb.GetBudgetStatusResponse(status=budget_to_proto(status))
+
+    async def GetUsageReport(self, request: pb.GetUsageReportRequest, context: Context) -> pb.GetUsageReportResponse:
+        if not request.tenant_id:
+            raise InvalidArgument("tenant_id is required")
+        lines = await asyncio.to_thread(
+            self._ledger.usage_report, request.tenant_id, request.start, request.end, request.group_by or "day"
+        )
+        return pb.GetUsageReportResponse(lines=[line_to_proto(line) for line in lines])
+
+    async def GetInvoice(self, request: pb.GetInvoiceRequest, context: Context) -> pb.GetInvoiceResponse:
+        if not request.tenant_id:
+            raise InvalidArgument("tenant_id is required")
+        invoice = await asyncio.to_thread(make_invoice, self._ledger, request.tenant_id, request.start, request.end)
+        return pb.GetInvoiceResponse(
+            tenant_id=invoice.tenant_id,
+            start=invoice.start,
+            end=invoice.end,
+            lines=[line_to_proto(line) for line in invoice.lines],
+            total_micros=invoice.total_micros,
+            csv=to_csv(invoice),
+        )
+
+
+def line_to_proto(line: UsageLine) -> pb.UsageLine:
+    return pb.UsageLine(
+        group=line.group,
+        requests=line.requests,
+        prompt_tokens=line.prompt_tokens,
+        completion_tokens=line.completion_tokens,
+        cost_micros=line.cost_micros,
+    )
 
 
 def register(ledger: Ledger) -> Registrar:

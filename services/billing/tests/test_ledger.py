@@ -106,3 +106,38 @@ def test_budget_status_tracks_spend(tmp_path: Path) -> None:
         [Entry("r2", "t1", "k", "m", 1, 1, "stop", 1.0, 40), Entry("r2", "t1", "k", "m", 1, 1, "stop", 1.0, 40)]
     )
     assert ledger.budget_status("t1").over_hard and ledger.budget_status("t1").spent_micros == 100
+
+
+def test_usage_report_and_invoice(tmp_path: Path) -> None:
+    from mariana_common.errors import InvalidArgument
+    from services.billing.invoices import amount, make_invoice, to_csv
+
+    ledger = Ledger(tmp_path / "ledger.db")
+    day = 86_400.0
+    start = 1_790_000_000.0 - 1_790_000_000.0 % day  # a UTC midnight
+    ledger.record(
+        [
+            Entry("a", "t1", "k1", "m1", 10, 5, "stop", start + 10, 1_500_000),
+            Entry("b", "t1", "k2", "m1", 20, 5, "stop", start + day + 10, 2_000_001),
+            Entry("c", "t1", "k1", "m2", 30, 0, "stop", start + day + 20, 7),
+            Entry("d", "t2", "k9", "m1", 99, 99, "stop", start + 30, 99),  # another tenant
+            Entry("e", "t1", "k1", "m1", 1, 1, "stop", start + 3 * day, 1),  # outside the period
+        ]
+    )
+    end = start + 2 * day
+    by_day = ledger.usage_report("t1", start, end, "day")
+    assert [(line.group, line.requests, line.cost_micros) for line in by_day] == [
+        ("2026-09-21", 1, 1_500_000),
+        ("2026-09-22", 2, 2_000_008),
+    ]
+    by_key = ledger.usage_report("t1", start, end, "key")
+    assert [(line.group, line.prompt_tokens) for line in by_key] == [("k1", 40), ("k2", 20)]
+    assert len(ledger.usage_report("t1", 0, 0, "model")) == 2  # unbounded: everything of t1
+    with pytest.raises(InvalidArgument):
+        ledger.usage_report("t1", start, end, "hour")
+    invoice = make_invoice(ledger, "t1", start, end)
+    assert invoice.total_micros == 3_500_008
+    assert amount(3_500_008) == "3.500008"
+    rows = to_csv(invoice).splitlines()
+    assert rows[0].startswith("model,requests") and rows[1] == "m1,2,30,10,3500001,3.500001"
+    assert rows[-1] == "TOTAL,3,60,10,3500008,3.500008"

@@ -1,0 +1,41 @@
+"""Billing's admin API over REST through the edge: usage reports and invoices
+for what a tenant really used."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import MODEL, Platform, create_key_with_cli
+from tests.e2e.ledger import wait_for_ledger
+
+pytestmark = pytest.mark.e2e
+
+
+def get(platform: Platform, path: str, key: str | None = None) -> httpx.Response:
+    return httpx.get(
+        f"http://{platform.edge}{path}", headers={"Authorization": f"Bearer {key or platform.master_key}"}, timeout=10
+    )
+
+
+def test_usage_report_and_invoice_over_rest(platform: Platform) -> None:
+    key = create_key_with_cli(platform, "invoiced")
+    client = platform.openai(key.secret)
+    ids = [
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4).id
+        for _ in range(2)
+    ]
+    entries = wait_for_ledger(platform, key.tenant_id, [i.removeprefix("chatcmpl-") for i in ids])
+    assert len(entries) == 2 and all(e.cost_micros > 0 for e in entries)
+
+    report = get(platform, f"/admin/v1/billing/tenants/{key.tenant_id}/usage?group_by=model")
+    assert report.status_code == 200, report.text
+    (line,) = report.json()["lines"]
+    assert line["group"] == MODEL and int(line["requests"]) == 2  # uint64 is a JSON string in proto3 JSON
+
+    invoice = get(platform, f"/admin/v1/billing/tenants/{key.tenant_id}/invoice").json()
+    assert int(invoice["total_micros"]) == sum(e.cost_micros for e in entries)
+    assert invoice["csv"].splitlines()[-1].startswith("TOTAL,2,")
+
+    assert get(platform, f"/admin/v1/billing/tenants/{key.tenant_id}/invoice", key=key.secret).status_code == 403
+    assert get(platform, f"/admin/v1/billing/tenants/{key.tenant_id}/usage?group_by=hour").status_code == 400
