@@ -93,7 +93,7 @@ def main() -> None:
                 "MARIANA_BILLING_TLS_CERT": str(certs.cert),
                 "MARIANA_BILLING_TLS_KEY": str(certs.key),
                 "MARIANA_BILLING_TLS_CA": str(certs.ca),
-                "MARIANA_BILLING_DB_PATH": str(ledger_path),
+                "MARIANA_BILLING_DATABASE": str(ledger_path),
                 "MARIANA_BILLING_CONSUMER_NAME": name,
                 "MARIANA_BILLING_RECLAIM_IDLE_MS": "500",
                 "MARIANA_BILLING_LOG_LEVEL": "warning",

@@ -77,7 +77,7 @@ class Stack:
                 "BILLING_TARGET": self.plan.mesh_target("billing"),
             },
             "moderation": {"POLICY_FILE": self._moderation_policy()},
-            "billing": {"DB_PATH": data / "billing" / "ledger.db", "CONSUMER_NAME": f"billing-{port}"},
+            "billing": {"DATABASE": data / "billing" / "ledger.db", "CONSUMER_NAME": f"billing-{port}"},
             "inference": {"MODEL_DIR": self.settings.resolved_model_dir(), "BACKEND": self.settings.inference_backend},
             "router": {
                 "INFERENCE_TARGET": self.plan.mesh_target("inference"),

@@ -189,8 +189,12 @@ class Authorizer:
             allowed = identity.scopes.endpoints
             if allowed and endpoint not in allowed:
                 raise PermissionDenied(f"this key may not use {endpoint or path}")
-        if self._budgets is not None and not identity.admin and await self._budgets.over_hard_limit(identity.tenant_id):
-            raise QuotaExceeded("You exceeded your current quota: the tenant is over its hard budget.")
+        if (
+            self._budgets is not None
+            and not identity.admin
+            and await self._budgets.over_hard_limit(identity.tenant_id, identity.key_id)
+        ):
+            raise QuotaExceeded("You exceeded your current quota: the hard budget of this tenant or key is spent.")
         decision = await self._rate(identity)
         if not decision.allowed:
             raise RateLimited(decision)

@@ -8,6 +8,7 @@ import redis.asyncio as redis
 
 from mariana_common.logs import configure_logging
 from mariana_common.server import create_server, run, serve
+from mariana_common.sql import Database, database_url
 from services.billing.consumer import UsageConsumer
 from services.billing.events import UsageStreamSettings
 from services.billing.ledger import Ledger
@@ -20,7 +21,7 @@ async def main() -> None:
     settings = BillingSettings()  # type: ignore[call-arg]
     stream = UsageStreamSettings()
     configure_logging("billing", settings.log_level)
-    ledger = Ledger(settings.db_path)
+    ledger = Ledger(Database(database_url(settings.database)))
     client = redis.Redis.from_url(stream.redis_url)
     consumer = UsageConsumer(
         client,
@@ -30,6 +31,7 @@ async def main() -> None:
         settings.consumer_group,
         settings.consumer_name,
         reclaim_idle_ms=settings.reclaim_idle_ms,
+        alerts_stream=settings.alerts_stream,
     )
     stop = asyncio.Event()
     consuming = asyncio.create_task(consumer.run(stop))

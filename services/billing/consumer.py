@@ -6,12 +6,12 @@ An entry that cannot be decoded goes to a dead-letter stream with the reason."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from typing import Any
 
 import redis.asyncio as redis
 import structlog
 
+from mariana_common.sql import IntegrityError
 from services.billing.events import decode
 from services.billing.ledger import Entry, Ledger
 from services.billing.prices import PriceCatalog
@@ -50,6 +50,7 @@ class UsageConsumer:
         batch: int = 200,
         block_ms: int = 1000,
         reclaim_idle_ms: int = 30_000,
+        alerts_stream: str = "mariana:alerts",
     ) -> None:
         self._redis = client
         self._ledger = ledger
@@ -60,6 +61,7 @@ class UsageConsumer:
         self._batch = batch
         self._block_ms = block_ms
         self._reclaim_idle_ms = reclaim_idle_ms
+        self._alerts_stream = alerts_stream
 
     async def ensure_group(self) -> None:
         try:
@@ -78,7 +80,7 @@ class UsageConsumer:
     async def _record(self, batch: list[tuple[bytes, dict[bytes, bytes], Entry]]) -> int:
         try:
             return await asyncio.to_thread(self._ledger.record, [entry for _, _, entry in batch])
-        except sqlite3.IntegrityError:
+        except IntegrityError:
             if len(batch) == 1:
                 message_id, fields, _ = batch[0]
                 await self._dead_letter(message_id, fields, "rejected by the ledger's constraints")
@@ -95,8 +97,25 @@ class UsageConsumer:
             except ValueError as exc:
                 await self._dead_letter(message_id, fields, str(exc))
         applied = await self._record(decoded) if decoded else 0
+        if applied:
+            await self._alert({(e.tenant_id, s) for _, _, e in decoded for s in ("", e.key_id)})
         await self._redis.xack(self._stream, self._group, *[message_id for message_id, _ in messages])
         return applied
+
+    async def _alert(self, scopes: set[tuple[str, str]]) -> None:
+        """A soft budget just crossed becomes one event on the alerts stream."""
+        for tenant_id, key_id, limits in await asyncio.to_thread(self._ledger.soft_alerts_due, scopes):
+            await self._redis.xadd(
+                self._alerts_stream,
+                {
+                    "kind": "soft_budget",
+                    "tenant_id": tenant_id,
+                    "key_id": key_id,
+                    "spent_micros": limits.spent_micros,
+                    "soft_limit_micros": limits.soft_limit_micros,
+                },
+            )
+            log.warning("soft budget crossed", tenant_id=tenant_id, key_id=key_id, spent=limits.spent_micros)
 
     async def _read(self, start_id: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
         reply: Any = await self._redis.xreadgroup(

@@ -33,11 +33,16 @@ def entry_to_proto(e: Entry) -> pb.LedgerEntry:
 def budget_to_proto(b: BudgetStatus) -> pb.BudgetStatus:
     return pb.BudgetStatus(
         tenant_id=b.tenant_id,
-        spent_micros=b.spent_micros,
-        hard_limit_micros=b.hard_limit_micros,
-        soft_limit_micros=b.soft_limit_micros,
+        spent_micros=b.tenant.spent_micros,
+        hard_limit_micros=b.tenant.hard_limit_micros,
+        soft_limit_micros=b.tenant.soft_limit_micros,
         over_hard_limit=b.over_hard,
-        over_soft_limit=b.over_soft,
+        over_soft_limit=b.tenant.over_soft or b.key.over_soft,
+        key_id=b.key_id,
+        key_spent_micros=b.key.spent_micros,
+        key_hard_limit_micros=b.key.hard_limit_micros,
+        key_soft_limit_micros=b.key.soft_limit_micros,
+        balance_micros=b.balance_micros,
     )
 
 
@@ -59,22 +64,30 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
     async def SetBudget(self, request: pb.SetBudgetRequest, context: Context) -> pb.SetBudgetResponse:
         if not request.tenant_id:
             raise InvalidArgument("tenant_id is required")
-        if (
-            request.soft_limit_micros
-            and request.hard_limit_micros
-            and request.soft_limit_micros > request.hard_limit_micros
-        ):
+        hard, soft = request.hard_limit_micros, request.soft_limit_micros
+        if soft and hard and soft > hard:
             raise InvalidArgument("the soft limit must not exceed the hard limit")
-        status = await asyncio.to_thread(
-            self._ledger.set_budget, request.tenant_id, request.hard_limit_micros, request.soft_limit_micros
-        )
+        status = await asyncio.to_thread(self._ledger.set_budget, request.tenant_id, hard, soft, request.key_id)
         return pb.SetBudgetResponse(status=budget_to_proto(status))
 
     async def GetBudgetStatus(self, request: pb.GetBudgetStatusRequest, context: Context) -> pb.GetBudgetStatusResponse:
         if not request.tenant_id:
             raise InvalidArgument("tenant_id is required")
-        status = await asyncio.to_thread(self._ledger.budget_status, request.tenant_id)
+        status = await asyncio.to_thread(self._ledger.budget_status, request.tenant_id, request.key_id)
         return pb.GetBudgetStatusResponse(status=budget_to_proto(status))
+
+    async def AddCredit(self, request: pb.AddCreditRequest, context: Context) -> pb.AddCreditResponse:
+        applied = await asyncio.to_thread(
+            self._ledger.add_credit,
+            request.credit_id,
+            request.tenant_id,
+            request.amount_micros,
+            request.kind or "credit",
+            request.note,
+            request.key_id,
+        )
+        status = await asyncio.to_thread(self._ledger.budget_status, request.tenant_id)
+        return pb.AddCreditResponse(applied=applied, status=budget_to_proto(status))
 
     async def GetUsageReport(self, request: pb.GetUsageReportRequest, context: Context) -> pb.GetUsageReportResponse:
         if not request.tenant_id:

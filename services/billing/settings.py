@@ -13,7 +13,10 @@ from services.billing.prices import DEFAULT_FILE as DEFAULT_PRICES
 class BillingSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="MARIANA_BILLING_", extra="ignore", frozen=True)
 
-    db_path: Path = Field(Path(".data/billing/ledger.db"), description="SQLite ledger file.")
+    database: str = Field(
+        ".data/billing/ledger.db", description="SQLite ledger file, or a postgresql:// URL (migrated at start)."
+    )
+    alerts_stream: str = Field("mariana:alerts", description="Redis Stream that soft-budget alerts go to.")
     prices_file: Path = Field(DEFAULT_PRICES, description="Price catalog (YAML, micro-units per million tokens).")
     consumer_group: str = Field("billing", description="Consumer group on the usage stream.")
     reclaim_idle_ms: int = Field(

@@ -107,7 +107,11 @@ async def test_certificate_from_another_ca_is_refused(
 
 
 async def test_domain_errors_keep_their_status(pki: dict[str, CertFiles], tmp_path: Path) -> None:
-    server = create_server(settings_for(pki["billing"]), billing_servicer.register(Ledger(tmp_path / "l.db")), ["b"])
+    server = create_server(
+        settings_for(pki["billing"]),
+        billing_servicer.register(Ledger(Database(f"sqlite:///{tmp_path / 'l.db'}"))),
+        ["b"],
+    )
     await server.start()
     try:
         async with grpc.aio.secure_channel(f"127.0.0.1:{server.port}", credentials(pki["envoy"])) as channel:
@@ -181,7 +185,7 @@ async def test_usage_flows_from_publisher_to_ledger_exactly_once(flush_redis: st
     await publisher.close(5)
     await client.xadd("usage", {b"event": b"\xff garbage"})
 
-    ledger = Ledger(tmp_path / "ledger.db")
+    ledger = Ledger(Database(f"sqlite:///{tmp_path / 'ledger.db'}"))
     consumer = UsageConsumer(client, ledger, load_prices(), "usage", "billing", "c1", block_ms=50)
     stop = asyncio.Event()
     task = asyncio.create_task(consumer.run(stop))
@@ -202,7 +206,7 @@ async def test_usage_flows_from_publisher_to_ledger_exactly_once(flush_redis: st
 
 async def test_unacknowledged_entries_are_applied_after_a_restart(flush_redis: str, tmp_path: Path) -> None:
     client = aioredis.Redis.from_url(flush_redis)
-    ledger = Ledger(tmp_path / "ledger.db")
+    ledger = Ledger(Database(f"sqlite:///{tmp_path / 'ledger.db'}"))
     consumer = UsageConsumer(client, ledger, load_prices(), "usage", "billing", "c1", block_ms=50)
     await consumer.ensure_group()
     publisher = RedisUsagePublisher(client, "usage")
@@ -287,7 +291,7 @@ async def test_retry_hint_crosses_a_hop(pki: dict[str, CertFiles]) -> None:
 
 async def test_entries_of_a_consumer_that_never_returns_are_reclaimed(flush_redis: str, tmp_path: Path) -> None:
     client = aioredis.Redis.from_url(flush_redis)
-    ledger = Ledger(tmp_path / "ledger.db")
+    ledger = Ledger(Database(f"sqlite:///{tmp_path / 'ledger.db'}"))
     survivor = UsageConsumer(client, ledger, load_prices(), "usage", "billing", "survivor", reclaim_idle_ms=0)
     await survivor.ensure_group()
     publisher = RedisUsagePublisher(client, "usage")

@@ -123,8 +123,8 @@ class FixedBudgets:
     def __init__(self, over: set[str]) -> None:
         self.over = over
 
-    async def over_hard_limit(self, tenant_id: str) -> bool:
-        return tenant_id in self.over
+    async def over_hard_limit(self, tenant_id: str, key_id: str) -> bool:
+        return tenant_id in self.over or key_id in self.over
 
 
 async def test_tenant_over_its_hard_budget_is_refused(store: KeyStore) -> None:
