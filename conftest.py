@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from launcher import postgres as launcher_postgres
 from mesh.pki import CertFiles, mint_mesh
 from mesh.plan import free_port
 
@@ -64,59 +65,14 @@ def model_dir() -> Path:
     return path
 
 
-def _postgres_binary(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
-    return str(candidates[-1]) if candidates else None
-
-
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real PostgreSQL server in a temporary folder, on a free port; yields
-    its base URL. PostgreSQL refuses to run as root, so as root it runs as the
-    `postgres` system user (installed with the server)."""
-    initdb, pg_ctl = _postgres_binary("initdb"), _postgres_binary("pg_ctl")
-    if initdb is None or pg_ctl is None:
-        pytest.fail("PostgreSQL is not installed; `make setup` installs it")
-    import os
-    import pwd
-    import tempfile
-
-    # Not under pytest's own temp folder: that is private to root, and the
-    # server may run as another user.
-    root = Path(tempfile.mkdtemp(prefix="mariana-postgres-"))
-    data, sockets = root / "data", root / "sockets"
-    sockets.mkdir()
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        user = pwd.getpwnam("postgres")
-        for path in (root, sockets):
-            os.chown(path, user.pw_uid, user.pw_gid)
-        prefix = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    subprocess.run(
-        [*prefix, initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-        check=True,
-        capture_output=True,
-    )
-    options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off"
-    # The server's output goes to its log file: a captured pipe would stay open
-    # in the server, and pg_ctl's caller would wait for it forever.
-    subprocess.run(
-        [*prefix, pg_ctl, "-D", str(data), "-l", str(sockets / "server.log"), "-o", options, "-w", "-t", "30", "start"],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    yield f"postgresql://postgres@127.0.0.1:{port}"
-    subprocess.run(
-        [*prefix, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    shutil.rmtree(root, ignore_errors=True)
+def postgres_server() -> Iterator[str]:
+    """A real PostgreSQL server for the session; yields its base URL."""
+    try:
+        with launcher_postgres.postgres_server() as url:
+            yield url
+    except FileNotFoundError as error:
+        pytest.fail(str(error))
 
 
 @pytest.fixture
@@ -124,12 +80,7 @@ def postgres_url(postgres_server: str) -> str:
     """A fresh, empty database on the session's server."""
     import uuid
 
-    import psycopg
-
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(f"{postgres_server}/postgres", autocommit=True) as connection:
-        connection.execute(f'CREATE DATABASE "{name}"')
-    return f"{postgres_server}/{name}"
+    return launcher_postgres.create_database(postgres_server, f"test_{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
