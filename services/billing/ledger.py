@@ -204,8 +204,14 @@ class Ledger:
         """Budgets among `scopes` ((tenant, key); key "" for the tenant) whose
         soft limit has just been crossed; each is reported once (until the
         budget is set again)."""
+        armed = {
+            (str(t), str(k))
+            for t, k in self._db.fetchall(
+                "SELECT tenant_id, key_id FROM budgets WHERE soft_limit_micros > 0 AND soft_alerted = 0"
+            )
+        }
         due = []
-        for tenant_id, key_id in sorted(scopes):
+        for tenant_id, key_id in sorted(scopes & armed):  # most batches touch no armed budget: no more queries
             spent = self._spent(tenant_id, key_id if key_id else None)
             limits = self._limits(tenant_id, key_id, spent)
             if limits.over_soft and self._db.execute(
