@@ -39,3 +39,45 @@ def test_usage_report_and_invoice_over_rest(platform: Platform) -> None:
 
     assert get(platform, f"/admin/v1/billing/tenants/{key.tenant_id}/invoice", key=key.secret).status_code == 403
     assert get(platform, f"/admin/v1/billing/tenants/{key.tenant_id}/usage?group_by=hour").status_code == 400
+
+
+def post(platform: Platform, path: str, **body: object) -> httpx.Response:
+    return httpx.post(
+        f"http://{platform.edge}{path}",
+        json=body,
+        headers={"Authorization": f"Bearer {platform.master_key}"},
+        timeout=10,
+    )
+
+
+def test_credits_balances_and_a_keys_own_budget(platform: Platform) -> None:
+    import time
+
+    import openai
+
+    spender, saver = create_key_with_cli(platform, "shared-tenant"), create_key_with_cli(platform, "shared-tenant")
+    tenant = spender.tenant_id
+    base = f"/admin/v1/billing/tenants/{tenant}"
+    credit = post(platform, f"{base}/credits", credit_id="topup-1", amount_micros=5_000_000, note="prepaid")
+    assert credit.status_code == 200 and credit.json()["applied"] is True
+    again = post(platform, f"{base}/credits", credit_id="topup-1", amount_micros=5_000_000)
+    assert again.json()["applied"] is False  # idempotent
+    assert int(again.json()["status"]["balance_micros"]) == 5_000_000
+    budget = post(platform, f"{base}/budget", key_id=spender.key_id, hard_limit_micros=2)
+    assert budget.status_code == 200, budget.text
+
+    platform.openai(spender.secret).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=10
+    )
+    deadline = time.monotonic() + 15
+    while True:  # the key's spend passes its own limit once billing has applied the usage
+        try:
+            platform.openai(spender.secret).models.list()
+        except openai.RateLimitError as refused:
+            assert refused.response.json()["error"]["code"] == "insufficient_quota"
+            break
+        assert time.monotonic() < deadline, "the key's budget was never enforced"
+        time.sleep(0.2)
+    assert platform.openai(saver.secret).models.list()  # the tenant's other key is not limited
+    status = get(platform, f"{base}/budget?key_id={spender.key_id}").json()["status"]
+    assert status["over_hard_limit"] is True and int(status["balance_micros"]) < 5_000_000

@@ -304,3 +304,24 @@ async def test_entries_of_a_consumer_that_never_returns_are_reclaimed(flush_redi
     assert sorted(e.request_id for e in ledger.entries("tenant-a")) == [f"orphan-{i}" for i in range(5)]
     assert (await client.xpending("usage", "billing"))["pending"] == 0
     await client.aclose()
+
+
+async def test_crossing_a_soft_budget_emits_one_alert(flush_redis: str, tmp_path: Path) -> None:
+    client = aioredis.Redis.from_url(flush_redis)
+    ledger = Ledger(Database(f"sqlite:///{tmp_path / 'ledger.db'}"))
+    ledger.set_budget("tenant-a", hard_limit_micros=0, soft_limit_micros=15)
+    consumer = UsageConsumer(client, ledger, load_prices(), "usage", "billing", "c1", alerts_stream="alerts")
+    await consumer.ensure_group()
+    publisher = RedisUsagePublisher(client, "usage")
+    publisher.start()
+    for i in range(4):  # 10 prompt + 3 completion tokens at the default price: 16 micro-units each
+        publisher.publish(usage(f"spend-{i}"))
+    await publisher.close(5)
+    while pending := await client.xreadgroup("billing", "c1", {"usage": ">"}, count=1):
+        await consumer.apply(list(pending[0][1]))
+    alerts = await client.xrange("alerts")
+    assert len(alerts) == 1
+    fields = alerts[0][1]
+    assert fields[b"tenant_id"] == b"tenant-a" and fields[b"kind"] == b"soft_budget"
+    assert int(fields[b"spent_micros"]) >= 15
+    await client.aclose()
