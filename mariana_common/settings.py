@@ -23,3 +23,11 @@ class ServiceSettings(BaseSettings):
     log_level: str = Field("info", description="debug, info, warning or error.")
     shutdown_grace_s: float = Field(30.0, ge=0, description="Time in-flight calls get to finish on SIGTERM.")
     port_file: Path | None = Field(None, description="When set, the bound port is written here once serving.")
+
+
+class RedisSettings(BaseSettings):
+    """Where the platform's shared ephemeral state lives (usage stream, rate limits)."""
+
+    model_config = SettingsConfigDict(env_prefix="MARIANA_", extra="ignore", frozen=True)
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="The Redis every service shares.")

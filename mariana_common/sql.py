@@ -57,11 +57,6 @@ class Database:
         with self._lock:
             return int(self._run(statement, params).rowcount)
 
-    def executemany(self, statement: str, rows: Sequence[Sequence[Any]]) -> None:
-        with self._lock:
-            for params in rows:
-                self._run(statement, params)
-
     def fetchone(self, statement: str, params: Sequence[Any] = ()) -> Row | None:
         with self._lock:
             row = self._run(statement, params).fetchone()

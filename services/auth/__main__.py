@@ -9,6 +9,7 @@ import redis.asyncio as redis
 from mariana_common.channels import mesh_channel
 from mariana_common.logs import configure_logging
 from mariana_common.server import create_server, run, serve
+from mariana_common.settings import RedisSettings
 from mariana_common.sql import Database, database_url
 from services.auth import admin_servicer, ext_authz
 from services.auth.authorizer import Authorizer
@@ -17,7 +18,6 @@ from services.auth.jwt_tokens import JwtVerifier
 from services.auth.rate_limit import RateLimiter
 from services.auth.settings import AuthSettings
 from services.auth.store import KeyStore
-from services.billing.events import UsageStreamSettings
 
 
 def load_pepper(path: Path) -> bytes:
@@ -33,7 +33,7 @@ async def main() -> None:
     configure_logging("auth", settings.log_level)
     db = Database(database_url(settings.database))
     store = KeyStore(db, load_pepper(settings.pepper_file))
-    client = redis.Redis.from_url(UsageStreamSettings().redis_url, socket_timeout=0.5)
+    client = redis.Redis.from_url(RedisSettings().redis_url, socket_timeout=0.5)
     billing = mesh_channel(settings.billing_target, settings) if settings.billing_target else None
     authorizer = Authorizer(
         store,

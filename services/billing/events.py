@@ -5,17 +5,14 @@ from __future__ import annotations
 
 from google.protobuf.message import DecodeError
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mariana.billing.v1.billing_pb2 import UsageEvent
+from mariana_common.settings import RedisSettings
 
 EVENT_FIELD = b"event"
 
 
-class UsageStreamSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MARIANA_", extra="ignore", frozen=True)
-
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the usage stream.")
+class UsageStreamSettings(RedisSettings):
     usage_stream: str = Field("mariana:usage", description="Redis Stream of usage events.")
 
 

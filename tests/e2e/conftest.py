@@ -8,9 +8,11 @@ import re
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import openai
 import pytest
@@ -21,6 +23,7 @@ from launcher.stack import Stack
 from mesh.plan import Plan, free_port
 
 MODEL = "smollm2-135m-instruct"
+Refusal = TypeVar("Refusal", bound=BaseException)
 EMBEDDER = "all-minilm-l6-v2"
 
 
@@ -88,3 +91,16 @@ def tenant_key(platform: Platform) -> TenantKey:
 @pytest.fixture(scope="session")
 def client(platform: Platform, tenant_key: TenantKey) -> openai.OpenAI:
     return platform.openai(tenant_key.secret)
+
+
+def first_refusal(call: Callable[[], object], refusal: type[Refusal], what: str, timeout_s: float) -> Refusal:
+    """Repeats `call` until it raises `refusal`, for state that changes off the
+    request path (usage charged asynchronously, expiry): returns the refusal."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            call()
+        except refusal as refused:
+            return refused
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -42,11 +42,17 @@ def chat(text: str, **sampling: object) -> GenerationInput:
     return GenerationInput(MODEL, messages=[("user", text)], sampling=Sampling(**sampling))  # type: ignore[arg-type]
 
 
-async def wait_until_idle(engine: Engine) -> None:
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Waits for the scheduler thread to reach a state (it runs beside the loop)."""
     deadline = time.monotonic() + 10
-    while engine.stats().kv_tokens_reserved or engine.stats().free_slots != engine._scheduler.limits.max_batch:
-        assert time.monotonic() < deadline, engine.stats()
-        await asyncio.sleep(0.01)
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.005)
+
+
+async def wait_until_idle(engine: Engine) -> None:
+    max_batch = engine._scheduler.limits.max_batch
+    await until(lambda: not engine.stats().kv_tokens_reserved and engine.stats().free_slots == max_batch, "idle")
 
 
 async def test_greedy_answer_is_real_and_repeatable(engine: Engine) -> None:
@@ -149,7 +155,7 @@ async def test_overload_is_resource_exhausted(loaded: LoadedModel) -> None:
         busy = [small.generate(chat(f"Story number {i}.", temperature=0, max_tokens=64)) for i in range(2)]
         await anext(busy[0])  # running
         waiting = asyncio.create_task(anext(busy[1]))  # queued
-        await asyncio.sleep(0)
+        await until(lambda: small.stats().waiting + small.stats().prefilling > 0, "second request queued")
         with pytest.raises(ResourceExhausted) as refused:
             await anext(small.generate(chat("One more.", max_tokens=4)))
         assert refused.value.retry_after_s
