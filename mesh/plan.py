@@ -3,6 +3,7 @@ port) and the certificate files of every identity."""
 
 from __future__ import annotations
 
+import random
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,10 +14,37 @@ from mesh.topology import Topology
 ENVOY_IDENTITY = "envoy"
 
 
+_LOWEST_PORT = 10_000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port that is free now and that the kernel will not hand to an outgoing
+    connection meanwhile: it is picked below the ephemeral range (a port from
+    `bind(0)` is an ephemeral one, and any client socket may take it before the
+    process it was meant for binds it)."""
+    low, _ = _ephemeral_range()
+    highest = low - 1 if low - 1 > _LOWEST_PORT else 65535
+    for _ in range(1000):
+        port = random.randint(_LOWEST_PORT, highest)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 @dataclass(frozen=True)
