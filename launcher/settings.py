@@ -19,7 +19,9 @@ class LauncherSettings(BaseSettings):
     any_ports: bool = Field(False, description="Pick free ports for everything but the edge (tests).")
     master_key: SecretStr | None = Field(None, description="Admin API key; lets scripts start with no other step.")
     model_dir: Path | None = Field(None, description="Checkpoint directory; default data_dir/models/<default model>.")
-    inference_backend: Literal["deepspeed", "torch"] = Field("deepspeed", description="Inference backend.")
+    inference_backend: Literal["deepspeed", "torch", "torch-int8", "echo"] = Field(
+        "deepspeed", description="Inference backend; echo (no model, for measuring the platform) is never the default."
+    )
     log_level: str = Field("info", description="Log level of every service.")
     edge_auth: bool = Field(
         True, description="false drops ext_authz at the edge: for measuring auth's cost only, never for serving."

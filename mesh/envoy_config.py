@@ -16,7 +16,17 @@ import json
 from datetime import timedelta
 from pathlib import Path
 
-from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog
+from envoy_data_plane.envoy.config.accesslog.v3 import (
+    AccessLog,
+    AccessLogFilter,
+    ComparisonFilter,
+    ComparisonFilterOp,
+    DurationFilter,
+    GrpcStatusFilter,
+    GrpcStatusFilterStatus,
+    OrFilter,
+    StatusCodeFilter,
+)
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
 from envoy_data_plane.envoy.config.cluster.v3 import (
     CircuitBreakers,
@@ -38,6 +48,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HealthCheck,
     HealthCheckGrpcHealthCheck,
     Http2ProtocolOptions,
+    RuntimeUInt32,
     SocketAddress,
     SubstitutionFormatString,
     TransportSocket,
@@ -167,10 +178,38 @@ def _tls_context(plan: Plan, peer_ids: list[str]) -> CommonTlsContext:
     )
 
 
-def _access_log(name: str) -> list[AccessLog]:
+# Inner hops log only what went wrong or was slow: the edge's line already
+# records every request, and a line per hop per request costs Envoy CPU.
+SLOW_HOP_MS = 1000
+
+
+def _failures_only() -> AccessLogFilter:
+    def at_least(value: int, runtime_key: str) -> ComparisonFilter:
+        threshold = RuntimeUInt32(default_value=value, runtime_key=runtime_key)
+        return ComparisonFilter(op=ComparisonFilterOp.GE, value=threshold)
+
+    return AccessLogFilter(
+        or_filter=OrFilter(
+            filters=[
+                AccessLogFilter(
+                    status_code_filter=StatusCodeFilter(comparison=at_least(400, "mesh_access_log.min_status"))
+                ),
+                AccessLogFilter(
+                    grpc_status_filter=GrpcStatusFilter(statuses=[GrpcStatusFilterStatus.OK], exclude=True)
+                ),
+                AccessLogFilter(
+                    duration_filter=DurationFilter(comparison=at_least(SLOW_HOP_MS, "mesh_access_log.min_duration_ms"))
+                ),
+            ]
+        )
+    )
+
+
+def _access_log(name: str, failures_only: bool = False) -> list[AccessLog]:
     fields = {k: Value(string_value=v) for k, v in {**ACCESS_LOG_FIELDS, "listener": name}.items()}
     stdout = StdoutAccessLog(log_format=SubstitutionFormatString(json_format=Struct(fields=fields)))
-    return [AccessLog(name="envoy.access_loggers.stdout", typed_config=Any.pack(stdout))]
+    log_filter = _failures_only() if failures_only else None
+    return [AccessLog(name="envoy.access_loggers.stdout", filter=log_filter, typed_config=Any.pack(stdout))]
 
 
 def _http_filter(name: str, config: object) -> HttpFilter:
@@ -364,7 +403,7 @@ def mesh_listener(plan: Plan, name: str, service: Service) -> Listener:
             _http_filter("envoy.filters.http.rbac", rbac),
             _http_filter("envoy.filters.http.router", Router()),
         ],
-        access_log=_access_log(f"mesh_{name}"),
+        access_log=_access_log(f"mesh_{name}", failures_only=True),
     )
     # The handshake only checks the CA; who may call is RBAC's decision, so a
     # known workload that may not call gets PERMISSION_DENIED, not a TLS error.

@@ -1,5 +1,7 @@
 """Envoy's ext_authz `envoy.service.auth.v3.Authorization/Check`, served with a
-grpcio generic handler over envoy-data-plane's CheckRequest/CheckResponse.
+grpcio generic handler over `mariana.auth.v1`'s wire-compatible subset of
+Envoy's CheckRequest/CheckResponse (`ext_authz_wire.proto`: parsed and built
+in C, on every request).
 
 Denials are answered here (not through the error interceptor): Envoy needs an
 OK gRPC status carrying the HTTP denial it should send, with an OpenAI-shaped
@@ -9,23 +11,21 @@ from __future__ import annotations
 
 import functools
 import json
+from http import HTTPStatus
 
 import grpc
 import structlog
-from envoy_data_plane.envoy.config.core.v3 import (
-    HeaderValue,
-    HeaderValueOption,
-    HeaderValueOptionHeaderAppendAction,
-)
-from envoy_data_plane.envoy.service.auth.v3 import (
-    CheckRequest,
-    CheckResponse,
-    DeniedHttpResponse,
-    OkHttpResponse,
-)
-from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
-from envoy_data_plane.google.rpc import Status
 
+from mariana.auth.v1.ext_authz_wire_pb2 import (
+    ExtAuthzCheckRequest,
+    ExtAuthzCheckResponse,
+    ExtAuthzDeniedHttpResponse,
+    ExtAuthzHeaderValue,
+    ExtAuthzHeaderValueOption,
+    ExtAuthzHttpStatus,
+    ExtAuthzOkHttpResponse,
+    ExtAuthzStatus,
+)
 from mariana_common.errors import PermissionDenied, Unauthenticated, Unavailable
 from mariana_common.server import Context, Registrar
 from services.auth.authorizer import Authorizer, QuotaExceeded, RateLimited, Verdict
@@ -44,46 +44,47 @@ GRPC_PERMISSION_DENIED = 7
 GRPC_RESOURCE_EXHAUSTED = 8
 GRPC_UNAVAILABLE = 14
 GRPC_UNAUTHENTICATED = 16
+OVERWRITE_IF_EXISTS_OR_ADD = 2  # envoy.config.core.v3.HeaderValueOption.HeaderAppendAction
 
 
-def _header(name: str, value: str) -> HeaderValueOption:
-    return HeaderValueOption(
-        header=HeaderValue(key=name, value=value),
-        append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+def _header(name: str, value: str) -> ExtAuthzHeaderValueOption:
+    return ExtAuthzHeaderValueOption(
+        header=ExtAuthzHeaderValue(key=name, value=value), append_action=OVERWRITE_IF_EXISTS_OR_ADD
     )
 
 
 @functools.lru_cache(maxsize=4096)
 def _identity_part(tenant_id: str, key_id: str, models: str) -> bytes:
     headers = [_header(TENANT_HEADER, tenant_id), _header(KEY_ID_HEADER, key_id), _header(MODELS_HEADER, models)]
-    return bytes(CheckResponse(status=Status(code=GRPC_OK), ok_response=OkHttpResponse(headers=headers)))
+    answer = ExtAuthzCheckResponse(status=ExtAuthzStatus(code=GRPC_OK), ok_response=ExtAuthzOkHttpResponse())
+    answer.ok_response.headers.extend(headers)
+    return answer.SerializeToString()
 
 
-@functools.lru_cache(maxsize=4096)
-def _rate_part(headers: tuple[tuple[str, str], ...]) -> bytes:
-    ok = OkHttpResponse(response_headers_to_add=[_header(k, v) for k, v in headers])
-    return bytes(CheckResponse(ok_response=ok))
+def _rate_part(headers: dict[str, str]) -> bytes:
+    ok = ExtAuthzOkHttpResponse(response_headers_to_add=[_header(k, v) for k, v in headers.items()])
+    return ExtAuthzCheckResponse(ok_response=ok).SerializeToString()
 
 
 def allow(verdict: Verdict) -> bytes:
-    """Built from cached, pre-serialized parts: protobuf merges concatenated
-    messages (sub-messages merge, repeated fields append), and the parts repeat
-    from request to request, so building the answer costs a lookup, not a
-    serialization."""
+    """Built from parts: protobuf merges concatenated messages (sub-messages
+    merge, repeated fields append); the identity part repeats from request to
+    request and is cached pre-serialized, the rate-limit headers change."""
     identity = verdict.identity
     answer = _identity_part(identity.tenant_id, identity.key_id, ",".join(sorted(identity.scopes.models)))
     if verdict.rate.headers:
-        answer += _rate_part(tuple(sorted(verdict.rate.headers.items())))
+        answer += _rate_part(verdict.rate.headers)
     return answer
 
 
 def _denied(
-    grpc_code: int, http: StatusCode, kind: str, code: str, message: str, extra: dict[str, str] | None = None
+    grpc_code: int, http: HTTPStatus, kind: str, code: str, message: str, extra: dict[str, str] | None = None
 ) -> bytes:
     body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
     headers = [_header("content-type", "application/json")] + [_header(k, v) for k, v in (extra or {}).items()]
-    denied = DeniedHttpResponse(status=HttpStatus(code=http), headers=headers, body=body)
-    return bytes(CheckResponse(status=Status(code=grpc_code, message=message), denied_response=denied))
+    denied = ExtAuthzDeniedHttpResponse(status=ExtAuthzHttpStatus(code=http), headers=headers, body=body)
+    status = ExtAuthzStatus(code=grpc_code, message=message)
+    return ExtAuthzCheckResponse(status=status, denied_response=denied).SerializeToString()
 
 
 def deny(error: Exception, grpc_client: bool = False) -> bytes:
@@ -95,7 +96,7 @@ def deny(error: Exception, grpc_client: bool = False) -> bytes:
         kind = decision.exceeded or "requests"
         return _denied(
             GRPC_RESOURCE_EXHAUSTED,
-            StatusCode.TooManyRequests,
+            HTTPStatus.TOO_MANY_REQUESTS,
             kind,
             "rate_limit_exceeded",
             f"Rate limit reached for {kind} per minute. Retry after {headers['retry-after']}s.",
@@ -105,7 +106,7 @@ def deny(error: Exception, grpc_client: bool = False) -> bytes:
         extra = {"grpc-status": str(GRPC_RESOURCE_EXHAUSTED)} if grpc_client else {}
         return _denied(
             GRPC_RESOURCE_EXHAUSTED,
-            StatusCode.TooManyRequests,
+            HTTPStatus.TOO_MANY_REQUESTS,
             "insufficient_quota",
             "insufficient_quota",
             str(error),
@@ -113,19 +114,19 @@ def deny(error: Exception, grpc_client: bool = False) -> bytes:
         )
     if isinstance(error, PermissionDenied):
         return _denied(
-            GRPC_PERMISSION_DENIED, StatusCode.Forbidden, "permission_error", "permission_denied", str(error)
+            GRPC_PERMISSION_DENIED, HTTPStatus.FORBIDDEN, "permission_error", "permission_denied", str(error)
         )
     if isinstance(error, Unavailable):
         return _denied(
             GRPC_UNAVAILABLE,
-            StatusCode.ServiceUnavailable,
+            HTTPStatus.SERVICE_UNAVAILABLE,
             "server_error",
             "unavailable",
             str(error),
             {"retry-after": "1"},
         )
     return _denied(
-        GRPC_UNAUTHENTICATED, StatusCode.Unauthorized, "invalid_request_error", "invalid_api_key", str(error)
+        GRPC_UNAUTHENTICATED, HTTPStatus.UNAUTHORIZED, "invalid_request_error", "invalid_api_key", str(error)
     )
 
 
@@ -133,10 +134,10 @@ class ExtAuthz:
     def __init__(self, authorizer: Authorizer) -> None:
         self._authorizer = authorizer
 
-    async def check(self, request: CheckRequest, context: Context) -> bytes:
-        http = request.attributes.request.http if request.attributes and request.attributes.request else None
-        if http is None:
+    async def check(self, request: ExtAuthzCheckRequest, context: Context) -> bytes:
+        if not request.attributes.request.HasField("http"):
             return deny(Unauthenticated("no HTTP attributes in the check request"))
+        http = request.attributes.request.http
         try:
             verdict = await self._authorizer.authorize(http.headers.get("authorization", ""), http.path)
         except (Unauthenticated, PermissionDenied, Unavailable, RateLimited, QuotaExceeded) as error:
@@ -149,7 +150,7 @@ class ExtAuthz:
 def register(authz: ExtAuthz) -> Registrar:
     def add(server: grpc.aio.Server) -> None:
         handler = grpc.unary_unary_rpc_method_handler(
-            authz.check, request_deserializer=CheckRequest.parse, response_serializer=lambda b: b
+            authz.check, request_deserializer=ExtAuthzCheckRequest.FromString, response_serializer=lambda b: b
         )
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {"Check": handler}),))
 

@@ -32,6 +32,7 @@ async def main() -> None:
         settings.consumer_name,
         reclaim_idle_ms=settings.reclaim_idle_ms,
         alerts_stream=settings.alerts_stream,
+        linger_s=settings.consumer_linger_s,
     )
     stop = asyncio.Event()
     consuming = asyncio.create_task(consumer.run(stop))

@@ -51,6 +51,7 @@ class UsageConsumer:
         block_ms: int = 1000,
         reclaim_idle_ms: int = 30_000,
         alerts_stream: str = "mariana:alerts",
+        linger_s: float = 0.0,
     ) -> None:
         self._redis = client
         self._ledger = ledger
@@ -62,6 +63,10 @@ class UsageConsumer:
         self._block_ms = block_ms
         self._reclaim_idle_ms = reclaim_idle_ms
         self._alerts_stream = alerts_stream
+        # After a batch that was not full, wait this long so the next one is
+        # bigger: one transaction per batch, so fewer and larger batches cost
+        # less CPU per event, for at most this much more ledger lag.
+        self._linger_s = linger_s
 
     async def ensure_group(self) -> None:
         try:
@@ -152,7 +157,9 @@ class UsageConsumer:
                 messages = await self._read(">")
                 if messages:
                     applied = await self.apply(messages)
-                    log.info("usage applied", received=len(messages), new=applied)
+                    log.debug("usage applied", received=len(messages), new=applied)
+                    if len(messages) < self._batch and self._linger_s:
+                        await asyncio.sleep(self._linger_s)
                 if loop.time() >= next_reclaim:
                     next_reclaim = loop.time() + self._reclaim_idle_ms / 1000
                     if claimed := await self.reclaim():

@@ -19,6 +19,9 @@ class BillingSettings(ServiceSettings):
     alerts_stream: str = Field("mariana:alerts", description="Redis Stream that soft-budget alerts go to.")
     prices_file: Path = Field(DEFAULT_PRICES, description="Price catalog (YAML, micro-units per million tokens).")
     consumer_group: str = Field("billing", description="Consumer group on the usage stream.")
+    consumer_linger_s: float = Field(
+        0.05, ge=0, le=1, description="Wait after a batch that was not full, so batches grow (ledger lag bound)."
+    )
     reclaim_idle_ms: int = Field(
         30_000, ge=0, description="Entries another consumer left unacknowledged this long are taken over."
     )

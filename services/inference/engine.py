@@ -9,6 +9,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from mariana_common.errors import InvalidArgument, NotFound
 from services.inference.loader import LoadedModel
@@ -64,6 +65,25 @@ def validate(s: Sampling) -> None:
         raise InvalidArgument("top_logprobs must be between 0 and 20")
     if len(s.stop) > 4:
         raise InvalidArgument("at most 4 stop sequences")
+
+
+class ChatEngine(Protocol):
+    """What the servicer needs of a served chat model (the batching engine
+    below, or the echo backend used for measuring the platform)."""
+
+    model_id: str
+
+    def card(self) -> ModelCard: ...
+
+    def stats(self) -> Stats: ...
+
+    def token_text(self, token: int) -> str: ...
+
+    def generate(self, request: GenerationInput) -> AsyncIterator[Event]: ...
+
+    async def drain(self, timeout_s: float) -> bool: ...
+
+    def close(self) -> None: ...
 
 
 class Engine:

@@ -12,7 +12,7 @@ from mariana.inference.v1 import inference_pb2_grpc as pb_grpc
 from mariana_common.errors import InvalidArgument, NotFound
 from mariana_common.server import Context, Registrar
 from services.inference.embedder import Embedder
-from services.inference.engine import Engine, GenerationInput, Sampling
+from services.inference.engine import ChatEngine, GenerationInput, Sampling
 from services.inference.sampling import TokenLogprob
 
 SERVICE_NAME = "mariana.inference.v1.InferenceService"
@@ -40,7 +40,7 @@ def generation_input(request: pb.GenerateRequest) -> GenerationInput:
     return GenerationInput(request.model, prompt=request.prompt, sampling=sampling)
 
 
-def logprob_to_proto(engine: Engine, lp: TokenLogprob) -> pb.TokenLogprob:
+def logprob_to_proto(engine: ChatEngine, lp: TokenLogprob) -> pb.TokenLogprob:
     return pb.TokenLogprob(
         token=engine.token_text(lp.token),
         logprob=lp.logprob,
@@ -49,11 +49,11 @@ def logprob_to_proto(engine: Engine, lp: TokenLogprob) -> pb.TokenLogprob:
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    def __init__(self, engines: Mapping[str, Engine], embedder: Embedder | None) -> None:
+    def __init__(self, engines: Mapping[str, ChatEngine], embedder: Embedder | None) -> None:
         self._engines = engines
         self._embedder = embedder
 
-    def _engine(self, model: str) -> Engine:
+    def _engine(self, model: str) -> ChatEngine:
         engine = self._engines.get(model)
         if engine is None:
             raise NotFound(f"model {model!r} is not served here; models: {', '.join(self._engines)}")
@@ -109,7 +109,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return pb.ListModelsResponse(models=models)
 
 
-def register(engines: Mapping[str, Engine], embedder: Embedder | None) -> Registrar:
+def register(engines: Mapping[str, ChatEngine], embedder: Embedder | None) -> Registrar:
     def add(server: grpc.aio.Server) -> None:
         pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(engines, embedder), server)
 

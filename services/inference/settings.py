@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -17,10 +18,13 @@ class InferenceSettings(ServiceSettings):
         default_factory=list, description="More chat models served by this process (JSON list); each is its own engine."
     )
     model_id: str | None = Field(None, description="Public name of model_dir's model; default: the folder's name.")
-    backend: Backend = Field(
+    backend: Backend | Literal["echo"] = Field(
         "deepspeed",
-        description="deepspeed (init_inference; kernel injection on GPU), torch (eager) or torch-int8 (CPU).",
+        description="deepspeed (init_inference; kernel injection on GPU), torch (eager) or torch-int8 (CPU); "
+        "echo answers without a model, for measuring the platform only.",
     )
+    echo_completion_tokens: int = Field(16, gt=0, description="echo backend: completion tokens per answer.")
+    echo_chunk_tokens: int = Field(4, gt=0, description="echo backend: tokens per streamed chunk.")
     tp_size: int = Field(1, ge=1, description="Tensor-parallel degree for the deepspeed backend on GPUs.")
     default_max_tokens: int = Field(256, gt=0, description="max_tokens when a request names none.")
     max_batch: int = Field(32, gt=0, description="Sequences decoded together at most (batch slots).")

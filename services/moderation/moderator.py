@@ -85,6 +85,12 @@ class Moderator:
         )
 
     def check_all(
-        self, texts: Sequence[str], tenant_id: str = "", direction: Direction = "input", context: str = ""
+        self,
+        texts: Sequence[str],
+        tenant_id: str = "",
+        direction: Direction = "input",
+        contexts: Sequence[str] | None = None,
     ) -> list[Verdict]:
-        return [self.check(t, tenant_id, direction, context) for t in texts]
+        """`contexts`: what came before each text (consecutive windows of one output)."""
+        preceding = contexts if contexts is not None else [""] * len(texts)
+        return [self.check(t, tenant_id, direction, c) for t, c in zip(texts, preceding, strict=True)]

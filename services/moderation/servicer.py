@@ -53,11 +53,14 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
         direction = DIRECTIONS.get(request.direction)
         if direction is None:
             raise InvalidArgument(f"unknown direction {request.direction}")
-        texts, tenant, preceding = list(request.texts), request.tenant_id, request.context
+        if request.contexts and len(request.contexts) != len(request.texts):
+            raise InvalidArgument(f"contexts has {len(request.contexts)} items for {len(request.texts)} texts")
+        texts, tenant = list(request.texts), request.tenant_id
+        contexts = list(request.contexts) or [request.context] * len(texts)
         if sum(len(t) for t in texts) <= INLINE_CHARS:
-            verdicts = self._moderator.check_all(texts, tenant, direction, preceding)
+            verdicts = self._moderator.check_all(texts, tenant, direction, contexts)
         else:
-            verdicts = await asyncio.to_thread(self._moderator.check_all, texts, tenant, direction, preceding)
+            verdicts = await asyncio.to_thread(self._moderator.check_all, texts, tenant, direction, contexts)
         return pb.CheckResponse(results=[verdict_to_proto(v) for v in verdicts])
 
 

@@ -114,7 +114,9 @@ class Moderation(Protocol):
         tenant_id: str = "",
         direction: Direction = "input",
         context: str = "",
-    ) -> list[ModerationVerdict]: ...
+        contexts: Sequence[str] = (),
+    ) -> list[ModerationVerdict]:
+        """`contexts`, when given, is the text before each of `texts` (windows of one output)."""
 
 
 class UsageSink(Protocol):

@@ -64,7 +64,10 @@ class Gateway:
             (verdict,) = await self._moderation.check([text], caller.request_id, caller.tenant_id, "output", context)
             return verdict
 
-        return OutputGuard(check, self._output_window_chars)
+        async def check_many(texts: list[str], contexts: list[str]) -> list[ModerationVerdict]:
+            return await self._moderation.check(texts, caller.request_id, caller.tenant_id, "output", contexts=contexts)
+
+        return OutputGuard(check, self._output_window_chars, check_many)
 
     def _record(self, caller: Caller, model: str, prompt_tokens: int, completion: int, finish_reason: str) -> None:
         self._usage.publish(
@@ -80,13 +83,26 @@ class Gateway:
             )
         )
 
-    async def _choice(self, caller: Caller, request: GenerationRequest, index: int) -> AsyncIterator[Piece]:
-        """One choice: generation with its output moderated; ends with a finish reason."""
+    async def _choice(
+        self, caller: Caller, request: GenerationRequest, index: int, stream: bool
+    ) -> AsyncIterator[Piece]:
+        """One choice: generation with its output moderated; ends with a finish
+        reason. Not streamed, the text is held and moderated once at the end
+        (the pieces before carry token counts and logprobs, no text)."""
         guard = self._output_guard(caller)
         last = Piece("", index=index)
+        held: list[str] = []
         try:
             async for piece in self._inference.generate(request, caller.request_id):
                 last = replace(piece, index=index)
+                if not stream:
+                    held.append(piece.text)
+                    if piece.finish_reason is None:
+                        yield replace(last, text="")
+                        continue
+                    text = "".join(held)
+                    yield replace(last, text=await guard.whole(text) if guard else text)
+                    return
                 text = await guard.feed(piece.text) if guard else piece.text
                 if piece.finish_reason is None:
                     if text or piece.logprobs:
@@ -99,9 +115,13 @@ class Gateway:
         except ContentFiltered:
             yield replace(last, text="", logprobs=(), finish_reason=CONTENT_FILTER)
 
-    async def generate(self, caller: Caller, request: GenerationRequest, n: int = 1) -> AsyncIterator[Piece]:
+    async def generate(
+        self, caller: Caller, request: GenerationRequest, n: int = 1, stream: bool = True
+    ) -> AsyncIterator[Piece]:
         """Pieces of every choice as they come (each with its index); one usage
-        record for the request: the prompt once, the completions summed."""
+        record for the request: the prompt once, the completions summed.
+        `stream=False`: the caller wants only the whole answers, so their text
+        comes in each choice's last piece, moderated in one call."""
         request = await self._moderate_input(caller, request)
         latest: dict[int, Piece] = {}
         recorded = False
@@ -117,7 +137,7 @@ class Gateway:
                 )
 
         try:
-            async for piece in self._merged(caller, request, n):
+            async for piece in self._merged(caller, request, n, stream):
                 latest[piece.index] = piece
                 if piece.finish_reason is not None and piece.index == 0:
                     first_finish = piece.finish_reason
@@ -130,9 +150,9 @@ class Gateway:
             if not recorded and any(p.completion_tokens for p in latest.values()):
                 record(CANCELLED)
 
-    async def _merged(self, caller: Caller, request: GenerationRequest, n: int) -> AsyncIterator[Piece]:
+    async def _merged(self, caller: Caller, request: GenerationRequest, n: int, stream: bool) -> AsyncIterator[Piece]:
         if n == 1:
-            async for piece in self._choice(caller, request, 0):
+            async for piece in self._choice(caller, request, 0, stream):
                 yield piece
             return
         queue: asyncio.Queue[Piece | BaseException | None] = asyncio.Queue()
@@ -141,7 +161,7 @@ class Gateway:
             seed = request.sampling.seed
             choice = replace(request, sampling=replace(request.sampling, seed=None if seed is None else seed + index))
             try:
-                async for piece in self._choice(caller, choice, index):
+                async for piece in self._choice(caller, choice, index, stream):
                     await queue.put(piece)
                 await queue.put(None)
             except Exception as error:  # noqa: BLE001 - handed to the consumer, raised there

@@ -126,7 +126,7 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
         generation, n = chat_request(request), choices_of(request)
         may_use(caller, generation.model)
         pieces: dict[int, list[Piece]] = {i: [] for i in range(n)}
-        async for piece in self._gateway.generate(caller, generation, n):
+        async for piece in self._gateway.generate(caller, generation, n, stream=False):
             pieces[piece.index].append(piece)
         choices = []
         for index, parts in pieces.items():
@@ -203,7 +203,7 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
         sampling = sampling_of(request, request.max_tokens if request.HasField("max_tokens") else None)
         generation = GenerationRequest(request.model, prompt=prompts[0], sampling=sampling)
         pieces: dict[int, list[Piece]] = {i: [] for i in range(n)}
-        async for piece in self._gateway.generate(caller, generation, n):
+        async for piece in self._gateway.generate(caller, generation, n, stream=False):
             pieces[piece.index].append(piece)
         echo = prompts[0] if request.echo else ""
         return pb.Completion(

@@ -128,9 +128,14 @@ class GrpcModeration:
         tenant_id: str = "",
         direction: Direction = "input",
         context: str = "",
+        contexts: Sequence[str] = (),
     ) -> list[ModerationVerdict]:
         request = mod.CheckRequest(
-            texts=list(texts), tenant_id=tenant_id, direction=DIRECTIONS[direction], context=context
+            texts=list(texts),
+            tenant_id=tenant_id,
+            direction=DIRECTIONS[direction],
+            context=context,
+            contexts=list(contexts),
         )
         try:
             reply = await self._stub.Check(request, timeout=self._timeout_s, metadata=_metadata(request_id))

@@ -55,6 +55,7 @@ class RuleModeration:
         tenant_id: str = "",
         direction: Direction = "input",
         context: str = "",
+        contexts: Sequence[str] = (),
     ) -> list[ModerationVerdict]:
         self.calls.append((direction, list(texts)))
         verdicts = []
@@ -153,3 +154,27 @@ async def test_several_choices_get_distinct_seeds() -> None:
     request = GenerationRequest("m", prompt="hi", sampling=Sampling(seed=7))
     [p async for p in gateway.generate(CALLER, request, n=3)]
     assert sorted(r.sampling.seed for r in inference.requests) == [7, 8, 9]  # type: ignore[type-var]
+
+
+async def test_an_answer_not_streamed_is_moderated_in_one_call() -> None:
+    moderation, sink = RuleModeration(), RecordingSink()
+    texts = ["Once upon ", "a time ", "there was ", "a quiet ", "village ", "by the sea."]
+    gateway = Gateway(ScriptedInference(texts), moderation, sink, output_window_chars=8)
+    pieces = [p async for p in gateway.generate(CALLER, chat("tell a story"), stream=False)]
+    assert "".join(p.text for p in pieces) == "".join(texts)
+    assert pieces[-1].text == "".join(texts)  # the whole text comes with the last piece
+    output_calls = [texts for direction, texts in moderation.calls if direction == "output"]
+    assert len(output_calls) == 1 and len(output_calls[0]) > 1  # several windows, one call
+    assert "".join(output_calls[0]) == "".join(texts)
+    assert sink.records[0].completion_tokens == len(texts)
+
+
+async def test_a_blocked_answer_not_streamed_is_withheld_and_billed() -> None:
+    sink = RecordingSink()
+    texts = ["Once upon ", "a time ", "something ", "evil ", "happened ", "there."]
+    gateway = Gateway(ScriptedInference(texts), RuleModeration(), sink, output_window_chars=8)
+    pieces = [p async for p in gateway.generate(CALLER, chat("tell a story"), stream=False)]
+    assert "".join(p.text for p in pieces) == ""
+    assert pieces[-1].finish_reason == "content_filter"
+    (record,) = sink.records
+    assert (record.finish_reason, record.completion_tokens) == ("content_filter", len(texts))

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from services.router.domain import ModerationVerdict
-from services.router.output_guard import ContentFiltered, OutputGuard
+from services.router.output_guard import ContentFiltered, OutputGuard, windows
 
 checked: list[str] = []
 
@@ -71,3 +71,38 @@ async def test_each_window_is_checked_with_what_was_sent_before() -> None:
     text = await run(["first part of it ", "and then the second ", "and a third piece "], window=16)
     assert contexts[0] == ""
     assert contexts[1] and text.startswith(contexts[1])
+
+
+async def fake_check_many(texts: list[str], preceding: list[str]) -> list[ModerationVerdict]:
+    return [await fake_check(t, c) for t, c in zip(texts, preceding, strict=True)]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Write to me at someone@example.com or at other@example.org whenever you like, friend.",
+        "x" * 150 + " tail",
+        "short",
+    ],
+)
+async def test_a_whole_output_gets_the_verdicts_a_stream_of_it_gets(text: str) -> None:
+    streamed = await run(list(text), window=16)
+    whole = await OutputGuard(fake_check, 16, fake_check_many).whole(text)
+    assert whole == streamed
+    assert "".join(windows(text, 8, 16)) == text
+
+
+async def test_a_whole_output_is_checked_with_each_window_in_context() -> None:
+    checked.clear()
+    contexts.clear()
+    text = "The quick brown fox jumps over the lazy dog and then it runs far away."
+    await OutputGuard(fake_check, 16, fake_check_many).whole(text)
+    assert len(checked) > 2 and "".join(checked) == text
+    assert contexts[0] == ""
+    for window, context in zip(checked[1:], contexts[1:], strict=True):
+        assert text.index(window) == len(context) or context.endswith(text[: text.index(window)][-160:])
+
+
+async def test_a_whole_output_with_a_blocked_window_is_refused() -> None:
+    with pytest.raises(ContentFiltered):
+        await OutputGuard(fake_check, 16, fake_check_many).whole("all fine here but this is forbidden text, sorry")

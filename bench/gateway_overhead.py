@@ -1,0 +1,216 @@
+"""What the gateway adds to every request: the whole platform started with the
+echo inference backend (answers at once, 16 tokens in chunks of 4), driven at
+fixed rates and at saturation by load generators in their own processes, and
+the echo backend driven directly the same way, so the added latency is a
+difference within one run.
+
+Paths measured (all loopback):
+  direct gRPC  the load generator -> inference (mTLS), Generate
+  edge gRPC    -> Envoy (h2c) -> ext_authz auth -> router -> moderation + inference (mTLS via Envoy), usage to Redis
+  edge HTTP    wrk, HTTP/1.1 JSON through Envoy's transcoder, same path; unary and `"stream": true`
+
+For each it prints achieved req/s, p50/p90/p99, errors, and the CPU each
+process used (per request, and as a share of one core).
+
+    make bench-tools   # wrk (Debian) and py-spy, once
+    .venv/bin/python -m bench.gateway_overhead [--seconds 8] [--rates 100,300,1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import psutil
+from pydantic import SecretStr
+
+from launcher.settings import REPO, LauncherSettings
+from launcher.stack import Stack
+from mariana.auth.v1 import auth_pb2, auth_pb2_grpc
+from mesh.plan import free_port
+
+MODEL = "smollm2-135m-instruct"
+MODEL_DIR = REPO / ".data" / "models" / MODEL
+SATURATION_CONCURRENCY = 32
+
+
+@dataclass
+class Result:
+    path: str
+    rate: str
+    ok: int
+    errors: str
+    rps: float
+    p50: float
+    p90: float
+    p99: float
+    cpu_s: dict[str, float]
+    seconds: float
+
+
+def issue_key(edge: str, master: str) -> str:
+    with grpc.insecure_channel(edge) as channel:
+        reply = auth_pb2_grpc.AuthAdminServiceStub(channel).CreateKey(
+            auth_pb2.CreateKeyRequest(tenant="bench", rpm=4_000_000_000, tpm=4_000_000_000),
+            metadata=(("authorization", f"Bearer {master}"),),
+            timeout=10,
+        )
+    return str(reply.secret)
+
+
+class CpuMeter:
+    """CPU seconds (user + system) of each process of the stack over a phase."""
+
+    def __init__(self, stack: Stack) -> None:
+        self._processes = {p.name: psutil.Process(p.pid) for p in stack.processes}
+
+    def sample(self) -> dict[str, float]:
+        times = {name: p.cpu_times() for name, p in self._processes.items()}
+        return {name: t.user + t.system for name, t in times.items()}
+
+    @staticmethod
+    def diff(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        return {name: after[name] - before[name] for name in after}
+
+
+def grpc_load(target: str, call: str, rate: float, seconds: float, key: str = "", tls_dir: str = "") -> dict:
+    argv = [sys.executable, "-m", "bench.grpc_load", "--target", target, "--call", call, "--model", MODEL]
+    argv += ["--rate", str(rate), "--seconds", str(seconds), "--concurrency", str(SATURATION_CONCURRENCY)]
+    argv += ["--key", key] if key else []
+    argv += ["--tls-dir", tls_dir] if tls_dir else []
+    out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=seconds + 120, check=True)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def wrk_load(edge: str, key: str, rate: float, seconds: float, stream: bool) -> dict:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise SystemExit("wrk is not installed: run `make bench-tools`")
+    connections = SATURATION_CONCURRENCY if rate == 0 else max(16, int(rate / 20))
+    argv = [wrk, "-t1", f"-c{connections}", f"-d{int(seconds)}s", "--timeout", "10s", "-s", "bench/wrk_chat.lua"]
+    argv += [f"http://{edge}/v1/chat/completions", "--", key, str(rate), "1" if stream else "0"]
+    out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=seconds + 60, check=True)
+    line = next(x for x in out.stdout.splitlines() if x.startswith("{"))
+    raw = json.loads(line)
+    errors = {k: raw[k] for k in ("connect", "read", "write", "status", "timeout") if raw[k]}
+    ok = raw["sent"] - sum(errors.values())
+    return {
+        "sent": raw["sent"],
+        "ok": ok,
+        "errors": errors,
+        "rps": ok / (raw["duration_us"] / 1e6),
+        "p50": raw["p50"],
+        "p90": raw["p90"],
+        "p99": raw["p99"],
+    }
+
+
+def measure(meter: CpuMeter, path: str, rate: float, load: Callable[[], dict]) -> Result:
+    before, started = meter.sample(), time.perf_counter()
+    raw = load()
+    elapsed = time.perf_counter() - started
+    cpu = CpuMeter.diff(before, meter.sample())
+    errors = ", ".join(f"{k} {v}" for k, v in raw["errors"].items()) or "0"
+    rate_label = f"{rate:.0f}/s" if rate else "max"
+    result = Result(path, rate_label, raw["ok"], errors, raw["rps"], raw["p50"], raw["p90"], raw["p99"], cpu, elapsed)
+    print(
+        f"  {path:<17} {rate_label:>7}: {result.rps:7.1f} req/s  p50 {result.p50:6.2f}  p90 {result.p90:6.2f}  "
+        f"p99 {result.p99:7.2f} ms  errors {errors}",
+        flush=True,
+    )
+    return result
+
+
+def print_tables(results: list[Result], names: list[str]) -> None:
+    print("\n| path | rate | req/s | p50 ms | p90 ms | p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r.path} | {r.rate} | {r.rps:.0f} | {r.p50:.2f} | {r.p90:.2f} | {r.p99:.2f} | {r.errors} |")
+    direct = {r.rate: r for r in results if r.path == "direct gRPC"}
+    print("\nAdded latency (path minus direct gRPC at the same rate, ms):")
+    print("| path | rate | p50 | p90 | p99 |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        base = direct.get(r.rate)
+        if r.path != "direct gRPC" and base is not None and r.rate != "max":
+            print(f"| {r.path} | {r.rate} | {r.p50 - base.p50:.2f} | {r.p90 - base.p90:.2f} | {r.p99 - base.p99:.2f} |")
+    print(
+        "\nCPU per request (ms), by process; total includes the load generator's share of nothing (it is not counted):"
+    )
+    print("| path | rate | " + " | ".join(names) + " | total |")
+    print("|---|---|" + "---|" * (len(names) + 1))
+    for r in results:
+        done = max(1.0, r.rps * r.seconds)
+        per = [r.cpu_s.get(n, 0.0) * 1e3 / done for n in names]
+        print(f"| {r.path} | {r.rate} | " + " | ".join(f"{x:.3f}" for x in per) + f" | {sum(per):.3f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=8.0, help="per phase")
+    parser.add_argument("--rates", default="100,300,1000", help="fixed rates in req/s; saturation is always run")
+    parser.add_argument("--paths", default="direct,edge-grpc,edge-http,edge-http-stream")
+    parser.add_argument("--hold", action="store_true", help="keep the platform up after the run (for profiling)")
+    args = parser.parse_args()
+    rates = [float(r) for r in args.rates.split(",") if r] + [0.0]
+    paths = args.paths.split(",")
+    master = "sk-bench-" + secrets.token_urlsafe(12)
+    with tempfile.TemporaryDirectory() as data:
+        settings = LauncherSettings(
+            data_dir=Path(data),
+            edge_port=free_port(),
+            any_ports=True,
+            master_key=SecretStr(master),
+            model_dir=MODEL_DIR,
+            inference_backend="echo",
+        )
+        print("starting the platform with the echo backend ...", flush=True)
+        with Stack(settings) as stack:
+            assert stack.plan is not None
+            edge = f"127.0.0.1:{stack.plan.edge_port}"
+            (inference_port,) = stack.plan.service_ports["inference"]
+            pki = str(Path(data) / "pki")
+            key = issue_key(edge, master)
+            meter = CpuMeter(stack)
+            loads: dict[str, tuple[str, Callable[[float], dict]]] = {
+                "direct": (
+                    "direct gRPC",
+                    lambda rate: grpc_load(
+                        f"127.0.0.1:{inference_port}", "direct-generate", rate, args.seconds, tls_dir=pki
+                    ),
+                ),
+                "edge-grpc": ("edge gRPC", lambda rate: grpc_load(edge, "edge-chat", rate, args.seconds, key=key)),
+                "edge-http": ("edge HTTP", lambda rate: wrk_load(edge, key, rate, args.seconds, stream=False)),
+                "edge-http-stream": (
+                    "edge HTTP stream",
+                    lambda rate: wrk_load(edge, key, rate, args.seconds, stream=True),
+                ),
+            }
+            results = []
+            for rate in rates:
+                print(f"rate {'max' if rate == 0 else f'{rate:.0f}/s'}:", flush=True)
+                for path in paths:
+                    label, load = loads[path]
+                    results.append(measure(meter, label, rate, lambda: load(rate)))  # noqa: B023 - called at once
+            print_tables(results, [p.name for p in stack.processes])
+            if args.hold:
+                print(f"holding: edge {edge}, key {key}; Ctrl-C stops", flush=True)
+                try:
+                    while True:
+                        time.sleep(3600)
+                except KeyboardInterrupt:
+                    pass
+
+
+if __name__ == "__main__":
+    main()
