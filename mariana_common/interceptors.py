@@ -93,17 +93,13 @@ def _wrap_streaming(behaviour: Streaming, method: str) -> Streaming:
 
 class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Maps domain errors to status codes; anything else becomes INTERNAL with
-    the trace id, logged with its traceback. Nothing reaches a client as UNKNOWN."""
+    the trace id, logged with its traceback. Nothing reaches a client as UNKNOWN.
+    Each method's handler is wrapped once and remembered, not on every call."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
+    def __init__(self) -> None:
+        self._wrapped: dict[str, Any] = {}
+
+    def _wrap(self, handler: Any, method: str) -> Any:
         if handler.unary_unary and inspect.iscoroutinefunction(handler.unary_unary):
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method),
@@ -117,6 +113,21 @@ class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        wrapped = self._wrapped[method] = self._wrap(handler, method)
+        return wrapped
 
 
 _ERROR_BY_STATUS = {code: error for error, code in STATUS_BY_ERROR.items()}

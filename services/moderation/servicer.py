@@ -31,16 +31,19 @@ DIRECTIONS: dict[int, Direction] = {
 }
 
 
-def verdict_to_proto(verdict: Verdict) -> pb.TextVerdict:
-    return pb.TextVerdict(
+def verdict_to_proto(verdict: Verdict, decision_only: bool = False) -> pb.TextVerdict:
+    message = pb.TextVerdict(
         flagged=verdict.flagged,
-        categories=verdict.categories,
-        category_scores=verdict.scores,
         findings=[pb.Finding(category=s.category, kind=s.kind, start=s.start, end=s.end) for s in verdict.findings],
         action=ACTIONS[verdict.action],
         triggered=verdict.triggered,
-        redacted_text=verdict.redacted_text,
     )
+    if not decision_only:
+        message.categories.update(verdict.categories)
+        message.category_scores.update(verdict.scores)
+    if not decision_only or verdict.action == Action.REDACT:
+        message.redacted_text = verdict.redacted_text
+    return message
 
 
 class ModerationServicer(pb_grpc.ModerationServiceServicer):
@@ -61,7 +64,7 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
             verdicts = self._moderator.check_all(texts, tenant, direction, contexts)
         else:
             verdicts = await asyncio.to_thread(self._moderator.check_all, texts, tenant, direction, contexts)
-        return pb.CheckResponse(results=[verdict_to_proto(v) for v in verdicts])
+        return pb.CheckResponse(results=[verdict_to_proto(v, request.decision_only) for v in verdicts])
 
 
 def register(moderator: Moderator) -> Registrar:

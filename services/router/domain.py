@@ -115,8 +115,11 @@ class Moderation(Protocol):
         direction: Direction = "input",
         context: str = "",
         contexts: Sequence[str] = (),
+        decision_only: bool = True,
     ) -> list[ModerationVerdict]:
-        """`contexts`, when given, is the text before each of `texts` (windows of one output)."""
+        """`contexts`, when given, is the text before each of `texts` (windows
+        of one output). `decision_only`: the verdicts may leave out the
+        per-category flags and scores (the request path needs only the action)."""
 
 
 class UsageSink(Protocol):

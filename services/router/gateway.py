@@ -190,4 +190,4 @@ class Gateway:
         return await self._inference.models()
 
     async def moderate(self, caller: Caller, texts: Sequence[str]) -> list[ModerationVerdict]:
-        return await self._moderation.check(texts, caller.request_id, caller.tenant_id, "input")
+        return await self._moderation.check(texts, caller.request_id, caller.tenant_id, "input", decision_only=False)

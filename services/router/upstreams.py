@@ -129,8 +129,10 @@ class GrpcModeration:
         direction: Direction = "input",
         context: str = "",
         contexts: Sequence[str] = (),
+        decision_only: bool = True,
     ) -> list[ModerationVerdict]:
         request = mod.CheckRequest(
+            decision_only=decision_only,
             texts=list(texts),
             tenant_id=tenant_id,
             direction=DIRECTIONS[direction],

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 
 import redis.asyncio as redis
+from redis.exceptions import NoScriptError
 import structlog
 
 from mariana.billing.v1.billing_pb2 import UsageEvent
@@ -47,13 +48,30 @@ class RedisUsagePublisher:
 
     async def _send_batch(self, batch: list[UsageRecord]) -> None:
         """One round trip: each record to the stream, and its tokens charged to
-        the key's and tenant's tokens-per-minute buckets."""
+        the key's and tenant's tokens-per-minute buckets. The script goes by
+        its hash (a pipeline given the script object would first ask Redis
+        whether it has it: a second round trip per batch); if Redis has lost
+        it, it is loaded and only the debits are sent again."""
+        debits: list[tuple[list[str], int]] = []
         async with self._redis.pipeline(transaction=False) as pipe:
             for record in batch:
                 pipe.xadd(self._stream, encode(to_event(record)))  # type: ignore[arg-type]
                 tokens = record.prompt_tokens + record.completion_tokens
                 if tokens:
-                    await self._debit(keys=token_buckets(record.key_id, record.tenant_id), args=[tokens], client=pipe)
+                    keys = token_buckets(record.key_id, record.tenant_id)
+                    pipe.evalsha(self._debit.sha, len(keys), *keys, tokens)
+                    debits.append((keys, tokens))
+            results = await pipe.execute(raise_on_error=False)
+        failures = [r for r in results if isinstance(r, Exception)]
+        if not failures:
+            return
+        if not all(isinstance(f, NoScriptError) for f in failures):
+            raise failures[0]
+        # Only debits can fail this way, and then all of them did.
+        await self._redis.script_load(DEBIT)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for keys, tokens in debits:
+                pipe.evalsha(self._debit.sha, len(keys), *keys, tokens)
             await pipe.execute()
 
     async def _send_forever(self) -> None:
@@ -65,7 +83,7 @@ class RedisUsagePublisher:
                 try:
                     await self._send_batch(batch)
                     break
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                except redis.RedisError as exc:
                     # Kept in memory and retried; a durable spool is future work.
                     log.warning("usage publish failed; retrying", error=str(exc), pending=len(batch))
                     await asyncio.sleep(1)

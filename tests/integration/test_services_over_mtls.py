@@ -27,7 +27,7 @@ from mariana_common.tls import channel_credentials
 from mesh.pki import CertFiles, mint_mesh
 from services.auth import ext_authz
 from services.auth.authorizer import Authorizer
-from services.auth.rate_limit import RateLimiter
+from services.auth.rate_limit import RateLimiter, token_bucket
 from services.auth.store import KeyStore, Scopes
 from services.billing import servicer as billing_servicer
 from services.billing.consumer import DEAD_LETTER_SUFFIX, UsageConsumer
@@ -70,6 +70,24 @@ async def test_mtls_call_succeeds(moderation: Server, pki: dict[str, CertFiles])
     assert [r.flagged for r in reply.results] == [False, True]
     assert reply.results[1].findings[0].category == "blocklist"
     assert reply.results[1].action == moderation_pb2.ACTION_BLOCK
+
+
+async def test_decision_only_checks_leave_out_scores_and_unchanged_text(
+    moderation: Server, pki: dict[str, CertFiles]
+) -> None:
+    texts = ["hi there", "mail me at someone@example.com", "a bomb"]
+    async with grpc.aio.secure_channel(f"127.0.0.1:{moderation.port}", credentials(pki["envoy"])) as channel:
+        stub = moderation_pb2_grpc.ModerationServiceStub(channel)
+        full = await stub.Check(moderation_pb2.CheckRequest(texts=texts, tenant_id="t"), timeout=5)
+        brief = await stub.Check(moderation_pb2.CheckRequest(texts=texts, tenant_id="t", decision_only=True), timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stub.Check(moderation_pb2.CheckRequest(texts=texts, contexts=["only one"]), timeout=5)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [r.action for r in brief.results] == [r.action for r in full.results]
+    assert [list(r.triggered) for r in brief.results] == [list(r.triggered) for r in full.results]
+    assert all(r.category_scores for r in full.results) and not any(r.category_scores for r in brief.results)
+    for f, b in zip(full.results, brief.results, strict=True):
+        assert b.redacted_text == (f.redacted_text if f.action == moderation_pb2.ACTION_REDACT else "")
 
 
 async def test_plaintext_is_refused(moderation: Server) -> None:
@@ -173,6 +191,21 @@ async def test_ext_authz_check_over_the_wire(pki: dict[str, CertFiles], tmp_path
 
 def usage(request_id: str, completion: int = 3) -> UsageRecord:
     return UsageRecord(request_id, "tenant-a", "key-a", "m", 10, completion, "stop", 1.0)
+
+
+async def test_usage_publisher_reloads_a_script_redis_lost_without_doubling_events(flush_redis: str) -> None:
+    client = aioredis.Redis.from_url(flush_redis)
+    bucket = token_bucket("key", "key-a")
+    await client.hset(bucket, mapping={"tokens": 1000, "ts": 0, "cap": 1000, "rate": 0})
+    await client.script_flush()  # as after a Redis restart
+    publisher = RedisUsagePublisher(client, "usage")
+    publisher.start()
+    for i in range(3):
+        publisher.publish(usage(f"s{i}"))  # 13 tokens each
+    await publisher.close(5)
+    assert await client.xlen("usage") == 3
+    assert float(await client.hget(bucket, "tokens")) == 1000 - 3 * 13
+    await client.aclose()
 
 
 async def test_usage_flows_from_publisher_to_ledger_exactly_once(flush_redis: str, tmp_path: Path) -> None:

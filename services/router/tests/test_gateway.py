@@ -56,6 +56,7 @@ class RuleModeration:
         direction: Direction = "input",
         context: str = "",
         contexts: Sequence[str] = (),
+        decision_only: bool = True,
     ) -> list[ModerationVerdict]:
         self.calls.append((direction, list(texts)))
         verdicts = []
