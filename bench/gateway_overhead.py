@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import secrets
 import shutil
 import subprocess
@@ -76,7 +77,11 @@ class CpuMeter:
 
     def sample(self) -> dict[str, float]:
         times = {name: p.cpu_times() for name, p in self._processes.items()}
-        return {name: t.user + t.system for name, t in times.items()}
+        used = {name: t.user + t.system for name, t in times.items()}
+        # The load generators are this process's children, waited for.
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        used["load generator"] = children.ru_utime + children.ru_stime
+        return used
 
     @staticmethod
     def diff(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
@@ -144,15 +149,14 @@ def print_tables(results: list[Result], names: list[str]) -> None:
         base = direct.get(r.rate)
         if r.path != "direct gRPC" and base is not None and r.rate != "max":
             print(f"| {r.path} | {r.rate} | {r.p50 - base.p50:.2f} | {r.p90 - base.p90:.2f} | {r.p99 - base.p99:.2f} |")
-    print(
-        "\nCPU per request (ms), by process; total includes the load generator's share of nothing (it is not counted):"
-    )
-    print("| path | rate | " + " | ".join(names) + " | total |")
-    print("|---|---|" + "---|" * (len(names) + 1))
+    print("\nCPU per request (ms), by process (total: the platform's, without the load generator):")
+    print("| path | rate | " + " | ".join(names) + " | total | load generator |")
+    print("|---|---|" + "---|" * (len(names) + 2))
     for r in results:
         done = max(1.0, r.rps * r.seconds)
         per = [r.cpu_s.get(n, 0.0) * 1e3 / done for n in names]
-        print(f"| {r.path} | {r.rate} | " + " | ".join(f"{x:.3f}" for x in per) + f" | {sum(per):.3f} |")
+        load = r.cpu_s.get("load generator", 0.0) * 1e3 / done
+        print(f"| {r.path} | {r.rate} | " + " | ".join(f"{x:.3f}" for x in per) + f" | {sum(per):.3f} | {load:.3f} |")
 
 
 def main() -> None:

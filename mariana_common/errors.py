@@ -37,7 +37,11 @@ class ResourceExhausted(MarianaError):
 
 
 class Unavailable(MarianaError):
-    """A dependency cannot serve now; the client may retry."""
+    """A dependency cannot serve now; the client may retry (after `retry_after_s`, if known)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceeded(MarianaError):

@@ -35,7 +35,12 @@ Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
 def status_for(error: errors.MarianaError) -> grpc.StatusCode:
-    return STATUS_BY_ERROR[type(error)]
+    """The code of the error's class, or of the nearest mapped base class."""
+    for cls in type(error).__mro__:
+        code = STATUS_BY_ERROR.get(cls)
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
 
 
 def trace_id_from(metadata: Any) -> str:
@@ -51,7 +56,7 @@ async def _abort_for(exc: BaseException, context: Context) -> None:
     if isinstance(exc, errors.MarianaError):
         code = status_for(exc)
         trailers: tuple[tuple[str, str], ...] = ()
-        if isinstance(exc, errors.ResourceExhausted) and exc.retry_after_s is not None:
+        if isinstance(exc, errors.ResourceExhausted | errors.Unavailable) and exc.retry_after_s is not None:
             trailers = (("retry-after", str(max(1, round(exc.retry_after_s)))),)
         log.info("call refused", code=code.name, reason=str(exc))
         await context.abort(code, str(exc), trailing_metadata=trailers)
@@ -142,8 +147,13 @@ def error_from_rpc(error: grpc.aio.AioRpcError) -> errors.MarianaError:
     error_type = _ERROR_BY_STATUS.get(code)
     if error_type is None:
         return errors.Unavailable(f"upstream failed: {code.name}: {message}")
-    if error_type is errors.ResourceExhausted:
+    if error_type is errors.ResourceExhausted or error_type is errors.Unavailable:
         trailers: Any = error.trailing_metadata() or ()
         hint = dict(trailers).get("retry-after")
-        return errors.ResourceExhausted(message, float(hint) if isinstance(hint, str) and hint.isdigit() else None)
+        retry_after = float(hint) if isinstance(hint, str) and hint.isdigit() else None
+        return (
+            errors.ResourceExhausted(message, retry_after)
+            if error_type is errors.ResourceExhausted
+            else (errors.Unavailable(message, retry_after))
+        )
     return error_type(message)

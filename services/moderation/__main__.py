@@ -3,7 +3,7 @@
 from mariana_common.logs import configure_logging
 from mariana_common.server import create_server, run, serve
 from services.moderation.moderator import Moderator
-from services.moderation.policy import ReloadingPolicy
+from services.moderation.policy import reloading_policy
 from services.moderation.servicer import SERVICE_NAME, register
 from services.moderation.settings import ModerationSettings
 from services.moderation.toxicity import ToxicityModel
@@ -13,7 +13,7 @@ async def main() -> None:
     settings = ModerationSettings()  # type: ignore[call-arg]
     configure_logging("moderation", settings.log_level)
     moderator = Moderator(
-        ToxicityModel.load(settings.toxicity_model), ReloadingPolicy(settings.policy_file), settings.blocklist
+        ToxicityModel.load(settings.toxicity_model), reloading_policy(settings.policy_file), settings.blocklist
     )
     server = create_server(settings, register(moderator), [SERVICE_NAME])
     await serve(server, settings)

@@ -5,18 +5,16 @@ file; a tenant's entries override the default's, category by category."""
 from __future__ import annotations
 
 import enum
-import time
 from pathlib import Path
 from typing import Literal
 
-import structlog
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mariana_common.reloading import ReloadingFile
 from services.moderation.spans import CATEGORIES, TOXIC_CATEGORIES
 
 DEFAULT_FILE = Path(__file__).with_name("policy.yaml")
-log = structlog.get_logger()
 
 
 class Action(enum.IntEnum):
@@ -89,33 +87,7 @@ def load_policy(path: Path = DEFAULT_FILE) -> PolicyBook:
     return PolicyBook.model_validate(yaml.safe_load(path.read_text()))
 
 
-class ReloadingPolicy:
-    """The policy in a file, re-read when the file changes (looked at no more
-    than once per `interval_s`), so operators change it without a restart.
-    A broken edit is logged and the last good policy stays in force."""
-
-    def __init__(self, path: Path, interval_s: float = 1.0) -> None:
-        self._path = path
-        self._interval_s = interval_s
-        self._book = load_policy(path)
-        self._mtime = path.stat().st_mtime_ns
-        self._next_look = time.monotonic() + interval_s
-
-    def __call__(self) -> PolicyBook:
-        now = time.monotonic()
-        if now < self._next_look:
-            return self._book
-        self._next_look = now + self._interval_s
-        try:
-            mtime = self._path.stat().st_mtime_ns
-        except OSError as error:
-            log.error("moderation policy file unreadable; keeping the last good one", error=str(error))
-            return self._book
-        if mtime != self._mtime:
-            self._mtime = mtime
-            try:
-                self._book = load_policy(self._path)
-                log.info("moderation policy reloaded", path=str(self._path))
-            except (OSError, ValueError, yaml.YAMLError) as error:
-                log.error("moderation policy not reloaded; keeping the last good one", error=str(error))
-        return self._book
+def reloading_policy(path: Path, interval_s: float = 1.0) -> ReloadingFile[PolicyBook]:
+    """The policy in a file, re-read when the file changes, so operators change
+    it without a restart; a broken edit keeps the last good policy."""
+    return ReloadingFile(path, load_policy, "moderation policy", interval_s)

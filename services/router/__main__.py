@@ -1,4 +1,5 @@
-"""Router entry point: upstream channels + usage publisher -> gateway -> serve."""
+"""Router entry point: catalog + upstream channels + cache + usage publisher
+-> model router -> gateway -> serve."""
 
 import redis.asyncio as redis
 
@@ -6,7 +7,12 @@ from mariana_common.channels import mesh_channel
 from mariana_common.logs import configure_logging
 from mariana_common.server import create_server, run, serve
 from services.billing.events import UsageStreamSettings
+from services.router.cache import ResponseCache
+from services.router.catalog import PoolConfig, reloading_catalog
+from services.router.domain import Inference
 from services.router.gateway import Gateway
+from services.router.remote import OpenAICompatiblePool, read_key
+from services.router.routing import ModelRouter, pool_clients
 from services.router.servicer import SERVICE_NAME, register
 from services.router.settings import RouterSettings
 from services.router.upstreams import GrpcInference, GrpcModeration
@@ -17,23 +23,34 @@ async def main() -> None:
     settings = RouterSettings()  # type: ignore[call-arg]
     stream = UsageStreamSettings()
     configure_logging("router", settings.log_level)
-    inference_channel = mesh_channel(settings.inference_target, settings)
+    catalog = reloading_catalog(settings.catalog_file)
+    channels = {name: mesh_channel(target, settings) for name, target in settings.upstreams.items()}
+    upstreams = {name: GrpcInference(channel, settings.inference_timeout_s) for name, channel in channels.items()}
     moderation_channel = mesh_channel(settings.moderation_target, settings)
-    client = redis.Redis.from_url(stream.redis_url)
+    client = redis.Redis.from_url(stream.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
     usage = RedisUsagePublisher(client, stream.usage_stream)
     usage.start()
+
+    def remote(config: PoolConfig) -> Inference:
+        assert config.base_url is not None
+        key = read_key(config.api_key_env, config.api_key_file)
+        return OpenAICompatiblePool(config.base_url, key, settings.inference_timeout_s)
+
     gateway = Gateway(
-        GrpcInference(inference_channel, settings.inference_timeout_s),
+        ModelRouter(catalog, pool_clients(upstreams, remote)),
+        upstreams[settings.default_upstream],
         GrpcModeration(moderation_channel, settings.moderation_timeout_s),
         usage,
         settings.output_window_chars,
+        ResponseCache(client, lambda: catalog().cache),
     )
     server = create_server(settings, register(gateway), [SERVICE_NAME])
     try:
         await serve(server, settings)
     finally:
         await usage.close(settings.shutdown_grace_s)
-        await inference_channel.close(None)
+        for channel in channels.values():
+            await channel.close(None)
         await moderation_channel.close(None)
         await client.aclose()
 

@@ -15,6 +15,8 @@ class Caller:
     request_id: str
     # Models the caller's key may use; empty means all.
     models: frozenset[str] = frozenset()
+    # When the caller stops waiting (time.monotonic()), if it said.
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,9 @@ class Piece:
     logprobs: tuple[TokenLogprob, ...] = ()
     # Which of the request's n choices this piece belongs to.
     index: int = 0
+    # The pieces before this one were from an attempt that failed before it
+    # finished (not streamed, so never sent): they are void.
+    restarted: bool = False
 
 
 Direction = Literal["input", "output"]
@@ -84,6 +89,7 @@ class ModerationVerdict:
 class ModelEntry:
     id: str
     created: int
+    kind: str = "chat"
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,9 @@ class UsageRecord:
 
 
 class Inference(Protocol):
-    def generate(self, request: GenerationRequest, request_id: str) -> AsyncIterator[Piece]: ...
+    def generate(
+        self, request: GenerationRequest, request_id: str, timeout_s: float | None = None
+    ) -> AsyncIterator[Piece]: ...
 
     async def embed(self, model: str, texts: Sequence[str], request_id: str) -> tuple[list[list[float]], int]: ...
 

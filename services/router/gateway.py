@@ -1,6 +1,8 @@
 """What the router does with a request: moderation of the input (refuse,
-redact or pass), generation with its output moderated as it streams, and one
-usage record per request, whether it completed, was filtered or was cut off."""
+redact or pass) side by side with the cache lookup, generation through the
+model router (pools, breakers, fallbacks) with its output moderated as it
+streams, a stale cached answer when nothing can serve, and one usage record
+per generated request, whether it completed, was filtered or was cut off."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 
 from mariana_common.errors import InvalidArgument
+from services.router.cache import CachedAnswer, Lookup, ResponseCache
 from services.router.domain import (
     Caller,
     GenerationRequest,
@@ -22,6 +25,7 @@ from services.router.domain import (
     UsageSink,
 )
 from services.router.output_guard import ContentFiltered, OutputGuard
+from services.router.routing import ModelRouter, NoPoolCanServe, Route
 
 CONTENT_FILTER = "content_filter"
 CANCELLED = "cancelled"
@@ -38,14 +42,29 @@ def redacted(request: GenerationRequest, verdicts: Sequence[ModerationVerdict]) 
     return replace(request, messages=[(role, text) for (role, _), text in zip(request.messages, texts, strict=True)])
 
 
+CACHEABLE_FINISH = ("stop", "length")
+
+
+def cached_piece(answer: CachedAnswer) -> Piece:
+    return Piece(answer.text, answer.finish_reason, answer.prompt_tokens, answer.completion_tokens, restarted=True)
+
+
 class Gateway:
     def __init__(
-        self, inference: Inference, moderation: Moderation, usage: UsageSink, output_window_chars: int = 32
+        self,
+        router: ModelRouter,
+        inference: Inference,
+        moderation: Moderation,
+        usage: UsageSink,
+        output_window_chars: int = 32,
+        cache: ResponseCache | None = None,
     ) -> None:
-        self._inference = inference
+        self._router = router
+        self._inference = inference  # embeddings and the model list
         self._moderation = moderation
         self._usage = usage
         self._output_window_chars = output_window_chars
+        self._cache = cache
 
     async def _moderate_input(self, caller: Caller, request: GenerationRequest) -> GenerationRequest:
         verdicts = await self._moderation.check(request.texts(), caller.request_id, caller.tenant_id, "input")
@@ -84,7 +103,7 @@ class Gateway:
         )
 
     async def _choice(
-        self, caller: Caller, request: GenerationRequest, index: int, stream: bool
+        self, caller: Caller, request: GenerationRequest, index: int, stream: bool, route: Route
     ) -> AsyncIterator[Piece]:
         """One choice: generation with its output moderated; ends with a finish
         reason. Not streamed, the text is held and moderated once at the end
@@ -93,9 +112,12 @@ class Gateway:
         last = Piece("", index=index)
         held: list[str] = []
         try:
-            async for piece in self._inference.generate(request, caller.request_id):
+            pieces = self._router.generate(request, caller.request_id, route, caller.deadline, stream)
+            async for piece in pieces:
                 last = replace(piece, index=index)
                 if not stream:
+                    if piece.restarted:  # an attempt failed and another pool took over
+                        held.clear()
                     held.append(piece.text)
                     if piece.finish_reason is None:
                         yield replace(last, text="")
@@ -115,14 +137,32 @@ class Gateway:
         except ContentFiltered:
             yield replace(last, text="", logprobs=(), finish_reason=CONTENT_FILTER)
 
+    async def _input_and_cache(
+        self, caller: Caller, request: GenerationRequest, model: str, n: int
+    ) -> tuple[GenerationRequest, str | None, Lookup | None]:
+        """Input moderation and the cache lookup, side by side; the cached answer
+        is used only once moderation has let the request through."""
+        key = self._cache.key_for(caller.tenant_id, model, request, n) if self._cache else None
+        if key is None or self._cache is None:
+            return await self._moderate_input(caller, request), None, None
+        moderated, lookup = await asyncio.gather(self._moderate_input(caller, request), self._cache.get(key))
+        return moderated, key, lookup
+
     async def generate(
-        self, caller: Caller, request: GenerationRequest, n: int = 1, stream: bool = True
+        self, caller: Caller, request: GenerationRequest, n: int = 1, stream: bool = True, route: Route | None = None
     ) -> AsyncIterator[Piece]:
         """Pieces of every choice as they come (each with its index); one usage
         record for the request: the prompt once, the completions summed.
         `stream=False`: the caller wants only the whole answers, so their text
-        comes in each choice's last piece, moderated in one call."""
-        request = await self._moderate_input(caller, request)
+        comes in each choice's last piece, moderated in one call. `route` is
+        filled in with where the answer came from."""
+        route = route if route is not None else Route()
+        model = self._router.resolve(request.model)
+        request, key, lookup = await self._input_and_cache(caller, request, model, n)
+        if lookup is not None and lookup.fresh:
+            route.model, route.step = model, "cache"
+            yield cached_piece(lookup.answer)
+            return
         latest: dict[int, Piece] = {}
         recorded = False
         first_finish = "stop"
@@ -132,27 +172,46 @@ class Gateway:
             if not recorded:
                 recorded = True
                 prompt = max((p.prompt_tokens for p in latest.values()), default=0)
-                self._record(
-                    caller, request.model, prompt, sum(p.completion_tokens for p in latest.values()), finish_reason
-                )
+                completion = sum(p.completion_tokens for p in latest.values())
+                self._record(caller, route.model or model, prompt, completion, finish_reason)
 
+        text: list[str] = []
+        undelivered = False  # not streamed, and no pool could finish it
         try:
-            async for piece in self._merged(caller, request, n, stream):
+            async for piece in self._merged(caller, request, n, stream, route):
+                if piece.restarted:
+                    text.clear()
                 latest[piece.index] = piece
+                text.append(piece.text)
                 if piece.finish_reason is not None and piece.index == 0:
                     first_finish = piece.finish_reason
                 if len([p for p in latest.values() if p.finish_reason]) == n:
                     record(first_finish)
                 yield piece
+        except NoPoolCanServe:
+            undelivered = not stream
+            if lookup is None:
+                raise
+            route.model, route.pool, route.step = model, "", "stale_cache"
+            assert self._cache is not None
+            self._cache.count_stale_hit()
+            yield cached_piece(lookup.answer)
+            return
         finally:
-            # The caller went away (or inference failed) after tokens were made:
-            # they were generated, so they are billed.
-            if not recorded and any(p.completion_tokens for p in latest.values()):
+            # The caller went away, or the stream broke, after tokens were made:
+            # they are billed. An answer no pool could finish, never sent, is not.
+            if not recorded and not undelivered and any(p.completion_tokens for p in latest.values()):
                 record(CANCELLED)
+        last = latest.get(0)
+        if key is not None and self._cache is not None and last is not None and first_finish in CACHEABLE_FINISH:
+            answer = CachedAnswer("".join(text), first_finish, last.prompt_tokens, last.completion_tokens, time.time())
+            await self._cache.put(key, answer)
 
-    async def _merged(self, caller: Caller, request: GenerationRequest, n: int, stream: bool) -> AsyncIterator[Piece]:
+    async def _merged(
+        self, caller: Caller, request: GenerationRequest, n: int, stream: bool, route: Route
+    ) -> AsyncIterator[Piece]:
         if n == 1:
-            async for piece in self._choice(caller, request, 0, stream):
+            async for piece in self._choice(caller, request, 0, stream, route):
                 yield piece
             return
         queue: asyncio.Queue[Piece | BaseException | None] = asyncio.Queue()
@@ -161,7 +220,7 @@ class Gateway:
             seed = request.sampling.seed
             choice = replace(request, sampling=replace(request.sampling, seed=None if seed is None else seed + index))
             try:
-                async for piece in self._choice(caller, choice, index, stream):
+                async for piece in self._choice(caller, choice, index, stream, route):
                     await queue.put(piece)
                 await queue.put(None)
             except Exception as error:  # noqa: BLE001 - handed to the consumer, raised there
@@ -187,7 +246,11 @@ class Gateway:
         return await self._inference.embed(model, texts, caller.request_id)
 
     async def models(self) -> list[ModelEntry]:
-        return await self._inference.models()
+        """The catalog's chat models, and the embedding models inference serves."""
+        served = await self._inference.models()
+        created = {m.id: m.created for m in served}
+        chat = [ModelEntry(name, created.get(name, 0)) for name in self._router.models()]
+        return chat + [m for m in served if m.kind == "embedding"]
 
     async def moderate(self, caller: Caller, texts: Sequence[str]) -> list[ModerationVerdict]:
         return await self._moderation.check(texts, caller.request_id, caller.tenant_id, "input", decision_only=False)

@@ -19,6 +19,7 @@ from mariana_common.server import Context, Registrar
 from services.router.domain import Caller, GenerationRequest, Piece, Sampling
 from services.router.gateway import Gateway
 from services.router.openai_convert import embedding_value, message_text, string_list
+from services.router.routing import Route, StreamBroken
 
 SERVICE_NAME = "mariana.llm.v1.LlmService"
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -32,7 +33,18 @@ def caller_of(context: Context) -> Caller:
     if not tenant or not key_id:
         raise Unauthenticated("no caller identity: requests must come through the edge")
     models = frozenset(m for m in headers.get("x-mariana-models", "").split(",") if m)
-    return Caller(tenant, key_id, headers.get("x-request-id") or uuid.uuid4().hex, models)
+    remaining = context.time_remaining()
+    deadline = None if remaining is None else time.monotonic() + remaining
+    return Caller(tenant, key_id, headers.get("x-request-id") or uuid.uuid4().hex, models, deadline)
+
+
+def route_headers(route: Route) -> tuple[tuple[str, str], ...]:
+    """Where the answer came from, as response headers (Envoy passes them on)."""
+    return (
+        ("x-mariana-model", route.model),
+        ("x-mariana-route", route.step),
+        ("x-mariana-pool", route.pool or "-"),
+    )
 
 
 def may_use(caller: Caller, model: str) -> None:
@@ -126,8 +138,12 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
         generation, n = chat_request(request), choices_of(request)
         may_use(caller, generation.model)
         pieces: dict[int, list[Piece]] = {i: [] for i in range(n)}
-        async for piece in self._gateway.generate(caller, generation, n, stream=False):
+        route = Route()
+        async for piece in self._gateway.generate(caller, generation, n, stream=False, route=route):
+            if piece.restarted:
+                pieces[piece.index].clear()
             pieces[piece.index].append(piece)
+        await context.send_initial_metadata(route_headers(route))
         choices = []
         for index, parts in pieces.items():
             choice = pb.ChatChoice(
@@ -166,10 +182,13 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
                 usage=usage,
             )
 
-        pieces = self._gateway.generate(caller, generation, n)
+        route = Route()
+        pieces = self._gateway.generate(caller, generation, n, route=route)
         # The first piece is awaited before anything is sent, so a refusal
-        # (moderation, bad model, overload) is a clean status, not a broken stream.
+        # (moderation, bad model, overload, no pool) is a clean status, not a
+        # broken stream.
         piece = await anext(pieces)
+        await context.send_initial_metadata(route_headers(route))
         for index in range(n):
             yield chunk([pb.ChatChunkChoice(index=index, delta=pb.ChatDelta(role="assistant", content=""))])
         latest: dict[int, list[Piece]] = {}
@@ -183,7 +202,13 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
             if piece.finish_reason is not None:
                 choice.finish_reason = piece.finish_reason
             yield chunk([choice])
-            piece = await anext(pieces, None)  # type: ignore[arg-type]
+            try:
+                piece = await anext(pieces, None)  # type: ignore[arg-type]
+            except StreamBroken as error:
+                broken = chunk([])
+                broken.error.CopyFrom(pb.StreamError(message=str(error), type="server_error", code="stream_broken"))
+                yield broken
+                return
             if piece is None:
                 break
         if include_usage:
@@ -203,8 +228,12 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
         sampling = sampling_of(request, request.max_tokens if request.HasField("max_tokens") else None)
         generation = GenerationRequest(request.model, prompt=prompts[0], sampling=sampling)
         pieces: dict[int, list[Piece]] = {i: [] for i in range(n)}
-        async for piece in self._gateway.generate(caller, generation, n, stream=False):
+        route = Route()
+        async for piece in self._gateway.generate(caller, generation, n, stream=False, route=route):
+            if piece.restarted:
+                pieces[piece.index].clear()
             pieces[piece.index].append(piece)
+        await context.send_initial_metadata(route_headers(route))
         echo = prompts[0] if request.echo else ""
         return pb.Completion(
             id=f"cmpl-{caller.request_id}",

@@ -1,16 +1,25 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from mariana_common.settings import ServiceSettings
+from services.router.catalog import DEFAULT_FILE as DEFAULT_CATALOG
 
 
 class RouterSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="MARIANA_ROUTER_", extra="ignore", frozen=True)
 
-    inference_target: str = Field(..., description="host:port of Envoy's mesh listener for inference.")
+    upstreams: dict[str, str] = Field(
+        ...,
+        description="Inference services by topology name -> host:port of Envoy's mesh listener for each (JSON); "
+        "the catalog's mesh pools name them.",
+    )
+    default_upstream: str = Field("inference", description="The upstream that serves embeddings and lists models.")
     moderation_target: str = Field(..., description="host:port of Envoy's mesh listener for moderation.")
+    catalog_file: Path = Field(DEFAULT_CATALOG, description="The model catalog (YAML), re-read when it changes.")
     inference_timeout_s: float = Field(120.0, gt=0, description="Deadline of one generation call.")
     moderation_timeout_s: float = Field(2.0, gt=0, description="Deadline of one moderation call.")
     output_window_chars: int = Field(

@@ -75,9 +75,12 @@ class GrpcInference:
         self._stub = inf_grpc.InferenceServiceStub(channel)
         self._timeout_s = timeout_s
 
-    async def generate(self, request: GenerationRequest, request_id: str) -> AsyncIterator[Piece]:
+    async def generate(
+        self, request: GenerationRequest, request_id: str, timeout_s: float | None = None
+    ) -> AsyncIterator[Piece]:
+        timeout = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
         call = self._stub.Generate(
-            generate_request(request, request_id), timeout=self._timeout_s, metadata=_metadata(request_id)
+            generate_request(request, request_id), timeout=timeout, metadata=_metadata(request_id)
         )
         try:
             async for reply in call:
@@ -113,7 +116,7 @@ class GrpcInference:
             reply = await self._stub.ListModels(inf.ListModelsRequest(), timeout=self._timeout_s)
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error) from error
-        return [ModelEntry(m.id, m.created) for m in reply.models]
+        return [ModelEntry(m.id, m.created, m.kind or "chat") for m in reply.models]
 
 
 class GrpcModeration:

@@ -8,8 +8,8 @@ import asyncio
 import contextlib
 
 import redis.asyncio as redis
-from redis.exceptions import NoScriptError
 import structlog
+from redis.exceptions import NoScriptError
 
 from mariana.billing.v1.billing_pb2 import UsageEvent
 from services.auth.rate_limit import DEBIT, token_buckets

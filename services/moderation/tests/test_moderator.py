@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from services.moderation.moderator import Moderator, redact
-from services.moderation.policy import Action, PolicyBook, ReloadingPolicy, load_policy
+from services.moderation.policy import Action, PolicyBook, load_policy, reloading_policy
 from services.moderation.spans import CATEGORIES, Span
 from services.moderation.toxicity import ToxicityModel
 
@@ -84,7 +84,7 @@ def test_policy_rejects_unknown_categories_and_redacting_toxicity() -> None:
 def test_policy_file_is_reloaded_when_it_changes(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text((Path(__file__).parents[1] / "policy.yaml").read_text())
-    policy = ReloadingPolicy(path, interval_s=0)
+    policy = reloading_policy(path, interval_s=0)
     assert policy().rules("acme", "input")["pii"].action == "block"
     path.write_text(path.read_text().replace("tenants: {}", "tenants:\n  acme:\n    input:\n      pii: {action: flag}"))
     import os

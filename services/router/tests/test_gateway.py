@@ -8,19 +8,33 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 
 from mariana_common.errors import InvalidArgument
+from services.router.catalog import Catalog
 from services.router.domain import (
     Caller,
     Direction,
     GenerationRequest,
+    Inference,
     ModelEntry,
+    Moderation,
     ModerationVerdict,
     Piece,
     Sampling,
     UsageRecord,
+    UsageSink,
 )
 from services.router.gateway import Gateway
+from services.router.routing import ModelRouter
 
 CALLER = Caller("tenant-1", "key-1", "req-1")
+ONE_POOL = Catalog.model_validate({"pools": {"p": {"upstream": "up", "model": "m"}}, "models": {"m": {"pools": ["p"]}}})
+
+
+def make_gateway(
+    inference: Inference, moderation: Moderation, usage: UsageSink, output_window_chars: int = 32
+) -> Gateway:
+    """The gateway over a one-pool catalog whose pool is `inference`."""
+    router = ModelRouter(lambda: ONE_POOL, lambda name, config: inference)
+    return Gateway(router, inference, moderation, usage, output_window_chars)
 
 
 class ScriptedInference:
@@ -29,7 +43,9 @@ class ScriptedInference:
         self.finish = finish
         self.requests: list[GenerationRequest] = []
 
-    async def generate(self, request: GenerationRequest, request_id: str) -> AsyncIterator[Piece]:
+    async def generate(
+        self, request: GenerationRequest, request_id: str, timeout_s: float | None = None
+    ) -> AsyncIterator[Piece]:
         self.requests.append(request)
         for i, text in enumerate(self.texts, start=1):
             yield Piece(text, None, 12, i)
@@ -91,7 +107,7 @@ async def collect(gateway: Gateway, request: GenerationRequest) -> list[Piece]:
 
 async def test_generation_publishes_one_usage_record() -> None:
     sink = RecordingSink()
-    gateway = Gateway(ScriptedInference(["Hel", "lo"]), RuleModeration(), sink, output_window_chars=0)
+    gateway = make_gateway(ScriptedInference(["Hel", "lo"]), RuleModeration(), sink, output_window_chars=0)
     pieces = await collect(gateway, chat("hi"))
     assert "".join(p.text for p in pieces) == "Hello"
     (record,) = sink.records
@@ -101,7 +117,7 @@ async def test_generation_publishes_one_usage_record() -> None:
 
 async def test_blocked_input_never_reaches_inference() -> None:
     inference, sink = ScriptedInference(["x"]), RecordingSink()
-    gateway = Gateway(inference, RuleModeration(), sink)
+    gateway = make_gateway(inference, RuleModeration(), sink)
     with pytest.raises(InvalidArgument, match=r"blocklist \(term\)"):
         await collect(gateway, chat("my secret plan"))
     assert inference.requests == [] and sink.records == []
@@ -109,7 +125,7 @@ async def test_blocked_input_never_reaches_inference() -> None:
 
 async def test_redacted_input_is_what_inference_sees() -> None:
     inference = ScriptedInference(["ok"])
-    gateway = Gateway(inference, RuleModeration(), RecordingSink())
+    gateway = make_gateway(inference, RuleModeration(), RecordingSink())
     await collect(gateway, chat("write to mail@x.org"))
     assert inference.requests[0].messages == [("system", "be nice"), ("user", "write to [EMAIL]")]
 
@@ -117,7 +133,7 @@ async def test_redacted_input_is_what_inference_sees() -> None:
 async def test_blocked_output_ends_with_content_filter_and_is_billed() -> None:
     sink = RecordingSink()
     texts = ["Once upon ", "a time ", "something ", "evil ", "happened ", "there."]
-    gateway = Gateway(ScriptedInference(texts), RuleModeration(), sink, output_window_chars=8)
+    gateway = make_gateway(ScriptedInference(texts), RuleModeration(), sink, output_window_chars=8)
     pieces = await collect(gateway, chat("tell a story"))
     sent = "".join(p.text for p in pieces)
     assert "evil" not in sent and sent.startswith("Once upon")
@@ -129,7 +145,7 @@ async def test_blocked_output_ends_with_content_filter_and_is_billed() -> None:
 
 async def test_cancelled_stream_bills_the_tokens_made() -> None:
     sink = RecordingSink()
-    gateway = Gateway(ScriptedInference(["a ", "b ", "c "]), RuleModeration(), sink, output_window_chars=0)
+    gateway = make_gateway(ScriptedInference(["a ", "b ", "c "]), RuleModeration(), sink, output_window_chars=0)
     stream = gateway.generate(CALLER, chat("hi"))
     assert (await anext(stream)).text == "a "
     assert (await anext(stream)).text == "b "
@@ -140,7 +156,7 @@ async def test_cancelled_stream_bills_the_tokens_made() -> None:
 
 async def test_several_choices_are_billed_once_with_completions_summed() -> None:
     sink = RecordingSink()
-    gateway = Gateway(ScriptedInference(["a ", "b ", "c "]), RuleModeration(), sink, output_window_chars=0)
+    gateway = make_gateway(ScriptedInference(["a ", "b ", "c "]), RuleModeration(), sink, output_window_chars=0)
     pieces = [p async for p in gateway.generate(CALLER, chat("hi"), n=3)]
     by_choice = {i: "".join(p.text for p in pieces if p.index == i) for i in range(3)}
     assert by_choice == {0: "a b c ", 1: "a b c ", 2: "a b c "}
@@ -151,7 +167,7 @@ async def test_several_choices_are_billed_once_with_completions_summed() -> None
 
 async def test_several_choices_get_distinct_seeds() -> None:
     inference = ScriptedInference(["x"])
-    gateway = Gateway(inference, RuleModeration(), RecordingSink(), output_window_chars=0)
+    gateway = make_gateway(inference, RuleModeration(), RecordingSink(), output_window_chars=0)
     request = GenerationRequest("m", prompt="hi", sampling=Sampling(seed=7))
     [p async for p in gateway.generate(CALLER, request, n=3)]
     assert sorted(r.sampling.seed for r in inference.requests) == [7, 8, 9]  # type: ignore[type-var]
@@ -160,7 +176,7 @@ async def test_several_choices_get_distinct_seeds() -> None:
 async def test_an_answer_not_streamed_is_moderated_in_one_call() -> None:
     moderation, sink = RuleModeration(), RecordingSink()
     texts = ["Once upon ", "a time ", "there was ", "a quiet ", "village ", "by the sea."]
-    gateway = Gateway(ScriptedInference(texts), moderation, sink, output_window_chars=8)
+    gateway = make_gateway(ScriptedInference(texts), moderation, sink, output_window_chars=8)
     pieces = [p async for p in gateway.generate(CALLER, chat("tell a story"), stream=False)]
     assert "".join(p.text for p in pieces) == "".join(texts)
     assert pieces[-1].text == "".join(texts)  # the whole text comes with the last piece
@@ -173,7 +189,7 @@ async def test_an_answer_not_streamed_is_moderated_in_one_call() -> None:
 async def test_a_blocked_answer_not_streamed_is_withheld_and_billed() -> None:
     sink = RecordingSink()
     texts = ["Once upon ", "a time ", "something ", "evil ", "happened ", "there."]
-    gateway = Gateway(ScriptedInference(texts), RuleModeration(), sink, output_window_chars=8)
+    gateway = make_gateway(ScriptedInference(texts), RuleModeration(), sink, output_window_chars=8)
     pieces = [p async for p in gateway.generate(CALLER, chat("tell a story"), stream=False)]
     assert "".join(p.text for p in pieces) == ""
     assert pieces[-1].finish_reason == "content_filter"
