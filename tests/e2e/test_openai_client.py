@@ -200,3 +200,43 @@ def test_unknown_path_is_404(platform: Platform, tenant_key: TenantKey) -> None:
         f"http://{platform.edge}/v2/nothing", headers={"Authorization": f"Bearer {tenant_key.secret}"}, timeout=10
     )
     assert reply.status_code == 404
+
+
+def test_route_headers_aliases_and_the_answer_cache(platform: Platform) -> None:
+    key = create_key_with_cli(platform, "cache-check")
+    client = platform.openai(key.secret)
+    question = [{"role": "user", "content": "Name a colour of the sky."}]
+    first = client.chat.completions.with_raw_response.create(
+        model="default",
+        messages=question,
+        max_tokens=8,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    assert first.headers["x-mariana-model"] == MODEL
+    assert first.headers["x-mariana-route"] == "primary" and first.headers["x-mariana-pool"] == "local"
+    again = client.chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=question,
+        max_tokens=8,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    assert again.headers["x-mariana-route"] == "cache"
+    assert again.parse().choices[0].message.content == first.parse().choices[0].message.content
+    sampled = client.chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=question,
+        max_tokens=8,
+        temperature=0.9,  # type: ignore[arg-type]
+    )
+    assert sampled.headers["x-mariana-route"] == "primary"  # not deterministic: never cached
+    other = platform.openai(create_key_with_cli(platform, "cache-check-other-tenant").secret)
+    theirs = other.chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=question,
+        max_tokens=8,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    assert theirs.headers["x-mariana-route"] == "primary"  # tenants never share entries
+    generated = [first.parse().id, sampled.parse().id]
+    wait_for_ledger(platform, key.tenant_id, [i.removeprefix("chatcmpl-") for i in generated])
+    assert len(ledger_entries(platform, key.tenant_id)) == 2  # the cache hit generated nothing

@@ -38,7 +38,7 @@ from services.moderation.moderator import Moderator
 from services.moderation.policy import load_policy
 from services.moderation.toxicity import ToxicityModel
 from services.router.domain import Caller, GenerationRequest, ModelEntry, Piece, UsageRecord
-from services.router.gateway import Gateway
+from services.router.tests.test_gateway import make_gateway
 from services.router.upstreams import GrpcModeration
 from services.router.usage import RedisUsagePublisher
 
@@ -262,7 +262,9 @@ class EchoInference:
     def __init__(self, text: str) -> None:
         self.words = text.split(" ")
 
-    async def generate(self, request: GenerationRequest, request_id: str) -> AsyncIterator[Piece]:
+    async def generate(
+        self, request: GenerationRequest, request_id: str, timeout_s: float | None = None
+    ) -> AsyncIterator[Piece]:
         for i, word in enumerate(self.words, start=1):
             yield Piece(word + " ", None, 5, i)
         yield Piece("", "stop", 5, len(self.words))
@@ -285,16 +287,19 @@ class ListSink:
 async def test_router_moderates_output_through_the_real_service(moderation: Server, pki: dict[str, CertFiles]) -> None:
     text = "Sure, the admin is bob@example.com and the key is AKIAIOSFODNN7EXAMPLE as requested."
     async with grpc.aio.secure_channel(f"127.0.0.1:{moderation.port}", credentials(pki["router"])) as channel:
-        gateway = Gateway(EchoInference(text), GrpcModeration(channel, 5), ListSink(), output_window_chars=16)
+        gateway = make_gateway(EchoInference(text), GrpcModeration(channel, 5), ListSink(), output_window_chars=16)
         caller = Caller("t", "k", "r")
-        pieces = [p async for p in gateway.generate(caller, GenerationRequest("m", messages=[("user", "hi")]))]
-        out = "".join(p.text for p in pieces)
-        assert "bob@example.com" not in out and "AKIA" not in out
-        assert "[EMAIL]" in out and "[SECRET]" in out and out.startswith("Sure, the admin is")
-        blocked = Gateway(EchoInference("I will buy a bomb today."), GrpcModeration(channel, 5), ListSink(), 16)
-        pieces = [p async for p in blocked.generate(caller, GenerationRequest("m", messages=[("user", "hi")]))]
-        assert pieces[-1].finish_reason == "content_filter"
-        assert "bomb" not in "".join(p.text for p in pieces)
+        request = GenerationRequest("m", messages=[("user", "hi")])
+        for stream in (True, False):  # windows one by one, or all in one batch call
+            pieces = [p async for p in gateway.generate(caller, request, stream=stream)]
+            out = "".join(p.text for p in pieces)
+            assert "bob@example.com" not in out and "AKIA" not in out
+            assert "[EMAIL]" in out and "[SECRET]" in out and out.startswith("Sure, the admin is")
+        blocked = make_gateway(EchoInference("I will buy a bomb today."), GrpcModeration(channel, 5), ListSink(), 16)
+        for stream in (True, False):
+            pieces = [p async for p in blocked.generate(caller, request, stream=stream)]
+            assert pieces[-1].finish_reason == "content_filter"
+            assert "bomb" not in "".join(p.text for p in pieces)
 
 
 async def test_retry_hint_crosses_a_hop(pki: dict[str, CertFiles]) -> None:
