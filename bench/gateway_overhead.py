@@ -31,17 +31,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import psutil
 from pydantic import SecretStr
 
+from bench.common import MODEL, MODEL_DIR, issue_key
 from launcher.settings import REPO, LauncherSettings
 from launcher.stack import Stack
-from mariana.auth.v1 import auth_pb2, auth_pb2_grpc
 from mesh.plan import free_port
 
-MODEL = "smollm2-135m-instruct"
-MODEL_DIR = REPO / ".data" / "models" / MODEL
 SATURATION_CONCURRENCY = 32
 
 
@@ -57,16 +54,6 @@ class Result:
     p99: float
     cpu_s: dict[str, float]
     seconds: float
-
-
-def issue_key(edge: str, master: str) -> str:
-    with grpc.insecure_channel(edge) as channel:
-        reply = auth_pb2_grpc.AuthAdminServiceStub(channel).CreateKey(
-            auth_pb2.CreateKeyRequest(tenant="bench", rpm=4_000_000_000, tpm=4_000_000_000),
-            metadata=(("authorization", f"Bearer {master}"),),
-            timeout=10,
-        )
-    return str(reply.secret)
 
 
 class CpuMeter:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
 from dataclasses import replace
 
 from mariana_common.errors import InvalidArgument
@@ -104,7 +105,7 @@ class Gateway:
 
     async def _choice(
         self, caller: Caller, request: GenerationRequest, index: int, stream: bool, route: Route
-    ) -> AsyncIterator[Piece]:
+    ) -> AsyncGenerator[Piece, None]:
         """One choice: generation with its output moderated; ends with a finish
         reason. Not streamed, the text is held and moderated once at the end
         (the pieces before carry token counts and logprobs, no text)."""
@@ -113,27 +114,28 @@ class Gateway:
         held: list[str] = []
         try:
             pieces = self._router.generate(request, caller.request_id, route, caller.deadline, stream)
-            async for piece in pieces:
-                last = replace(piece, index=index)
-                if not stream:
-                    if piece.restarted:  # an attempt failed and another pool took over
-                        held.clear()
-                    held.append(piece.text)
+            async with aclosing(pieces):
+                async for piece in pieces:
+                    last = replace(piece, index=index)
+                    if not stream:
+                        if piece.restarted:  # an attempt failed and another pool took over
+                            held.clear()
+                        held.append(piece.text)
+                        if piece.finish_reason is None:
+                            yield replace(last, text="")
+                            continue
+                        text = "".join(held)
+                        yield replace(last, text=await guard.whole(text) if guard else text)
+                        return
+                    text = await guard.feed(piece.text) if guard else piece.text
                     if piece.finish_reason is None:
-                        yield replace(last, text="")
+                        if text or piece.logprobs:
+                            yield replace(last, text=text)
                         continue
-                    text = "".join(held)
-                    yield replace(last, text=await guard.whole(text) if guard else text)
+                    if guard:
+                        text += await guard.finish()
+                    yield replace(last, text=text)
                     return
-                text = await guard.feed(piece.text) if guard else piece.text
-                if piece.finish_reason is None:
-                    if text or piece.logprobs:
-                        yield replace(last, text=text)
-                    continue
-                if guard:
-                    text += await guard.finish()
-                yield replace(last, text=text)
-                return
         except ContentFiltered:
             yield replace(last, text="", logprobs=(), finish_reason=CONTENT_FILTER)
 
@@ -150,7 +152,7 @@ class Gateway:
 
     async def generate(
         self, caller: Caller, request: GenerationRequest, n: int = 1, stream: bool = True, route: Route | None = None
-    ) -> AsyncIterator[Piece]:
+    ) -> AsyncGenerator[Piece, None]:
         """Pieces of every choice as they come (each with its index); one usage
         record for the request: the prompt once, the completions summed.
         `stream=False`: the caller wants only the whole answers, so their text
@@ -178,16 +180,17 @@ class Gateway:
         text: list[str] = []
         undelivered = False  # not streamed, and no pool could finish it
         try:
-            async for piece in self._merged(caller, request, n, stream, route):
-                if piece.restarted:
-                    text.clear()
-                latest[piece.index] = piece
-                text.append(piece.text)
-                if piece.finish_reason is not None and piece.index == 0:
-                    first_finish = piece.finish_reason
-                if len([p for p in latest.values() if p.finish_reason]) == n:
-                    record(first_finish)
-                yield piece
+            async with aclosing(self._merged(caller, request, n, stream, route)) as merged:
+                async for piece in merged:
+                    if piece.restarted:
+                        text.clear()
+                    latest[piece.index] = piece
+                    text.append(piece.text)
+                    if piece.finish_reason is not None and piece.index == 0:
+                        first_finish = piece.finish_reason
+                    if len([p for p in latest.values() if p.finish_reason]) == n:
+                        record(first_finish)
+                    yield piece
         except NoPoolCanServe:
             undelivered = not stream
             if lookup is None:
@@ -209,10 +212,11 @@ class Gateway:
 
     async def _merged(
         self, caller: Caller, request: GenerationRequest, n: int, stream: bool, route: Route
-    ) -> AsyncIterator[Piece]:
+    ) -> AsyncGenerator[Piece, None]:
         if n == 1:
-            async for piece in self._choice(caller, request, 0, stream, route):
-                yield piece
+            async with aclosing(self._choice(caller, request, 0, stream, route)) as only:
+                async for piece in only:
+                    yield piece
             return
         queue: asyncio.Queue[Piece | BaseException | None] = asyncio.Queue()
 
@@ -220,8 +224,9 @@ class Gateway:
             seed = request.sampling.seed
             choice = replace(request, sampling=replace(request.sampling, seed=None if seed is None else seed + index))
             try:
-                async for piece in self._choice(caller, choice, index, stream, route):
-                    await queue.put(piece)
+                async with aclosing(self._choice(caller, choice, index, stream, route)) as pieces:
+                    async for piece in pieces:
+                        await queue.put(piece)
                 await queue.put(None)
             except Exception as error:  # noqa: BLE001 - handed to the consumer, raised there
                 await queue.put(error)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
 import httpx
@@ -67,7 +67,7 @@ class OpenAICompatiblePool:
 
     async def generate(
         self, request: GenerationRequest, request_id: str, timeout_s: float | None = None
-    ) -> AsyncIterator[Piece]:
+    ) -> AsyncGenerator[Piece, None]:
         headers = {**self._headers, "x-request-id": request_id}
         timeout = httpx.Timeout(timeout_s or self._timeout_s, connect=min(5.0, timeout_s or 5.0))
         prompt_tokens = completion_tokens = 0

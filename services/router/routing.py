@@ -11,7 +11,8 @@ import asyncio
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 
 import structlog
@@ -110,7 +111,7 @@ class ModelRouter:
         deadline: float | None = None,
         stream: bool = True,
         needed_context: int = 0,
-    ) -> AsyncIterator[Piece]:
+    ) -> AsyncGenerator[Piece, None]:
         catalog = self._catalog()
         public = catalog.resolve(request.model)
         failures: list[str] = []
@@ -122,10 +123,11 @@ class ModelRouter:
                 route.model, route.pool, route.step = model, state.name, "primary" if step == 0 else "fallback"
                 outcome = self._try_pool(state, replace(request, model=state.config.model), request_id, route, deadline)
                 try:
-                    async for piece in outcome:
-                        if void:
-                            piece, void = replace(piece, restarted=True), False
-                        yield piece
+                    async with aclosing(outcome):
+                        async for piece in outcome:
+                            if void:
+                                piece, void = replace(piece, restarted=True), False
+                            yield piece
                     self.steps[route.step] += 1
                     if step:
                         log.warning("served by a fallback model", model=model, pool=state.name, asked=public)
@@ -142,7 +144,7 @@ class ModelRouter:
 
     async def _try_pool(
         self, state: PoolState, request: GenerationRequest, request_id: str, route: Route, deadline: float | None
-    ) -> AsyncIterator[Piece]:
+    ) -> AsyncGenerator[Piece, None]:
         """The pool's answer, with retries; _PoolFailed when it cannot give one."""
         if not state.breaker.allow():
             self.steps["breaker_open"] += 1
@@ -151,6 +153,7 @@ class ModelRouter:
             state.breaker.release_probe()
             self.steps["bulkhead_full"] += 1
             raise _PoolFailed("bulkhead full")
+        settled = False  # the breaker has heard how this call went
         try:
             retry = self._catalog().retry
             delays = backoff_delays(retry.retries, retry.base_s, retry.cap_s, self._rng)
@@ -162,20 +165,28 @@ class ModelRouter:
                     raise _PoolFailed("deadline exceeded")
                 first = True
                 try:
-                    async for piece in self.client(state).generate(request, request_id, remaining):
-                        if first:
-                            first = False
-                            state.latency.add(self._clock() - started)
-                        yield piece
-                    state.breaker.record_success()
+                    upstream = self.client(state).generate(request, request_id, remaining)
+                    async with aclosing(upstream):
+                        async for piece in upstream:
+                            if first:
+                                first = False
+                                state.latency.add(self._clock() - started)
+                            if piece.finish_reason is not None and not settled:
+                                # Counted when the answer is complete: the
+                                # caller may stop reading at the last piece.
+                                settled = True
+                                state.breaker.record_success()
+                            yield piece
                     return
                 except RETRYABLE as error:
+                    settled = True
                     state.breaker.record_failure()
                     if not first:
                         raise _PoolFailed(str(error), after_first=True) from error
                     log.warning("pool call failed", pool=state.name, attempt=attempt, error=str(error))
                     if attempt == retry.retries or not state.breaker.allow():
                         raise _PoolFailed(str(error)) from error
+                    settled = False
                     delay = delays[attempt]
                     if deadline is not None and self._clock() + delay >= deadline:
                         raise _PoolFailed(f"{error} (no time left to retry)") from error
@@ -183,6 +194,10 @@ class ModelRouter:
                     await self._sleep(delay)
         finally:
             state.bulkhead.release()
+            if not settled:
+                # Neither success nor failure (the caller went away, or the
+                # request was bad): a half-open breaker may probe again.
+                state.breaker.release_probe()
 
 
 class _PoolFailed(Exception):

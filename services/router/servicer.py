@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import replace
 
 import grpc
@@ -139,10 +140,11 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
         may_use(caller, generation.model)
         pieces: dict[int, list[Piece]] = {i: [] for i in range(n)}
         route = Route()
-        async for piece in self._gateway.generate(caller, generation, n, stream=False, route=route):
-            if piece.restarted:
-                pieces[piece.index].clear()
-            pieces[piece.index].append(piece)
+        async with aclosing(self._gateway.generate(caller, generation, n, stream=False, route=route)) as stream:
+            async for piece in stream:
+                if piece.restarted:
+                    pieces[piece.index].clear()
+                pieces[piece.index].append(piece)
         await context.send_initial_metadata(route_headers(route))
         choices = []
         for index, parts in pieces.items():
@@ -183,7 +185,20 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
             )
 
         route = Route()
-        pieces = self._gateway.generate(caller, generation, n, route=route)
+        async with aclosing(self._gateway.generate(caller, generation, n, route=route)) as pieces:
+            async with aclosing(self._stream_chunks(pieces, context, route, n, include_usage, chunk)) as chunks:
+                async for out in chunks:
+                    yield out
+
+    async def _stream_chunks(
+        self,
+        pieces: AsyncGenerator[Piece, None],
+        context: Context,
+        route: Route,
+        n: int,
+        include_usage: bool,
+        chunk: Callable[..., pb.ChatCompletionChunk],
+    ) -> AsyncGenerator[pb.ChatCompletionChunk, None]:
         # The first piece is awaited before anything is sent, so a refusal
         # (moderation, bad model, overload, no pool) is a clean status, not a
         # broken stream.
@@ -229,10 +244,11 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
         generation = GenerationRequest(request.model, prompt=prompts[0], sampling=sampling)
         pieces: dict[int, list[Piece]] = {i: [] for i in range(n)}
         route = Route()
-        async for piece in self._gateway.generate(caller, generation, n, stream=False, route=route):
-            if piece.restarted:
-                pieces[piece.index].clear()
-            pieces[piece.index].append(piece)
+        async with aclosing(self._gateway.generate(caller, generation, n, stream=False, route=route)) as stream:
+            async for piece in stream:
+                if piece.restarted:
+                    pieces[piece.index].clear()
+                pieces[piece.index].append(piece)
         await context.send_initial_metadata(route_headers(route))
         echo = prompts[0] if request.echo else ""
         return pb.Completion(

@@ -4,7 +4,7 @@ back as domain errors so the router's interceptor passes the code on."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 import grpc
 
@@ -77,7 +77,7 @@ class GrpcInference:
 
     async def generate(
         self, request: GenerationRequest, request_id: str, timeout_s: float | None = None
-    ) -> AsyncIterator[Piece]:
+    ) -> AsyncGenerator[Piece, None]:
         timeout = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
         call = self._stub.Generate(
             generate_request(request, request_id), timeout=timeout, metadata=_metadata(request_id)

@@ -4,7 +4,7 @@ gRPC clients: what each service refuses, and how statuses reach clients."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -264,7 +264,7 @@ class EchoInference:
 
     async def generate(
         self, request: GenerationRequest, request_id: str, timeout_s: float | None = None
-    ) -> AsyncIterator[Piece]:
+    ) -> AsyncGenerator[Piece, None]:
         for i, word in enumerate(self.words, start=1):
             yield Piece(word + " ", None, 5, i)
         yield Piece("", "stop", 5, len(self.words))

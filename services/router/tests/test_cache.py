@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -99,7 +99,7 @@ class Switchable(ScriptedInference):
 
     async def generate(
         self, request: GenerationRequest, request_id: str, timeout_s: float | None = None
-    ) -> AsyncIterator[Piece]:
+    ) -> AsyncGenerator[Piece, None]:
         if self.down:
             raise Unavailable("down")
         async for piece in super().generate(request, request_id, timeout_s):

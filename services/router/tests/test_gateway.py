@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 import pytest
 
@@ -45,7 +45,7 @@ class ScriptedInference:
 
     async def generate(
         self, request: GenerationRequest, request_id: str, timeout_s: float | None = None
-    ) -> AsyncIterator[Piece]:
+    ) -> AsyncGenerator[Piece, None]:
         self.requests.append(request)
         for i, text in enumerate(self.texts, start=1):
             yield Piece(text, None, 12, i)

@@ -4,7 +4,7 @@ scripted stand-in for an inference service)."""
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import pytest
@@ -30,7 +30,7 @@ class Pool:
 
     async def generate(
         self, request: GenerationRequest, request_id: str, timeout_s: float | None = None
-    ) -> AsyncIterator[Piece]:
+    ) -> AsyncGenerator[Piece, None]:
         self.calls.append((request.model, timeout_s))
         if self.fail:
             self.fail -= 1
@@ -247,3 +247,32 @@ def test_fallback_chains_visit_each_model_once() -> None:
         }
     )
     assert cat.chain("a") == ["a", "b", "c"]
+
+
+async def test_a_caller_that_stops_at_the_last_piece_still_counts_as_a_success() -> None:
+    pools = {"a1": Pool("a1", fail=2), "a2": Pool("a2"), "b": Pool("b")}
+    now = [0.0]
+    chosen = catalog(breaker={"consecutive_failures": 2, "open_s": 5})
+    r = ModelRouter(lambda: chosen, lambda n, c: pools[n], random.Random(1), clock=lambda: now[0], sleep=Sleeps())
+    await answer(r, Route())  # a1 fails twice: open
+    assert r.pool("a1").breaker.state is BreakerState.OPEN
+    now[0] += 5  # half-open: the next request probes a1, which works now
+    async for piece in r.generate(GenerationRequest("big", prompt="x"), "req", Route()):
+        if piece.finish_reason is not None:
+            break  # as the gateway does
+    assert r.pool("a1").breaker.state is BreakerState.CLOSED
+
+
+async def test_a_probe_whose_caller_went_away_lets_the_next_request_probe() -> None:
+    pools = {"a1": Pool("a1", fail=2), "a2": Pool("a2"), "b": Pool("b")}
+    now = [0.0]
+    chosen = catalog(breaker={"consecutive_failures": 2, "open_s": 5})
+    r = ModelRouter(lambda: chosen, lambda n, c: pools[n], random.Random(1), clock=lambda: now[0], sleep=Sleeps())
+    await answer(r, Route())
+    now[0] += 5
+    stream = r.generate(GenerationRequest("big", prompt="x"), "req", Route())
+    await anext(stream)  # the probe started...
+    await stream.aclose()  # ...and its caller left before the answer was complete
+    route = Route()
+    await answer(r, route)
+    assert route.pool == "a1" and r.pool("a1").breaker.state is BreakerState.CLOSED
