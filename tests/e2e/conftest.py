@@ -21,6 +21,7 @@ from pydantic import SecretStr
 from launcher.settings import REPO, LauncherSettings
 from launcher.stack import Stack
 from mesh.plan import Plan, free_port
+from services.router.catalog import DEFAULT_FILE as DEFAULT_CATALOG
 
 MODEL = "smollm2-135m-instruct"
 Refusal = TypeVar("Refusal", bound=BaseException)
@@ -32,6 +33,11 @@ class Platform:
     stack: Stack
     plan: Plan
     master_key: str
+
+    @property
+    def catalog(self) -> Path:
+        assert self.stack.settings.router_catalog is not None
+        return self.stack.settings.router_catalog
 
     @property
     def edge(self) -> str:
@@ -51,12 +57,16 @@ class TenantKey:
 @pytest.fixture(scope="session")
 def platform(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[Platform]:
     master = "sk-e2e-" + secrets.token_urlsafe(16)
+    data_dir = tmp_path_factory.mktemp("platform")
+    catalog = data_dir / "catalog.yaml"  # the operator's copy: tests edit it while the platform runs
+    catalog.write_text(DEFAULT_CATALOG.read_text())
     settings = LauncherSettings(
-        data_dir=tmp_path_factory.mktemp("platform"),
+        data_dir=data_dir,
         edge_port=free_port(),
         any_ports=True,
         master_key=SecretStr(master),
         model_dir=model_dir,
+        router_catalog=catalog,
     )
     stack = Stack(settings)
     try:
