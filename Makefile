@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 MODEL_DIR := .data/models/smollm2-135m-instruct
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup venv system-packages protos model run test test-unit test-e2e lint clean
+.PHONY: setup venv system-packages bench-tools protos model run test test-unit test-e2e lint clean
 
 setup: venv system-packages protos model
 
@@ -34,6 +34,11 @@ system-packages:
 		echo "[setup] installing$$missing with apt ..."; \
 		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $$missing; \
 	fi
+
+# Only for the load benchmarks under bench/: wrk drives HTTP/1.1, py-spy profiles.
+bench-tools: $(STAMP)
+	@command -v wrk >/dev/null || { echo "[bench] installing wrk with apt ..."; $(SUDO) apt-get install -y -q wrk; }
+	$(PY) -m pip install --progress-bar on "py-spy==0.4.3"
 
 protos: $(STAMP)
 	$(PY) tools/genproto.py
