@@ -5,7 +5,11 @@ from __future__ import annotations
 
 
 class MarianaError(Exception):
-    """Base of every error a client may see. The message is shown to it."""
+    """Base of every error a client may see. The message is shown to it;
+    `reason`, when set, is the machine-readable code (OpenAI's `error.code`,
+    e.g. "insufficient_quota"), sent as a google.rpc.ErrorInfo detail."""
+
+    reason: str | None = None
 
 
 class InvalidArgument(MarianaError):
@@ -31,9 +35,10 @@ class AlreadyExists(MarianaError):
 class ResourceExhausted(MarianaError):
     """A limit or a queue is full; the client may retry later."""
 
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+    def __init__(self, message: str, retry_after_s: float | None = None, reason: str | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.reason = reason
 
 
 class Unavailable(MarianaError):

@@ -11,6 +11,9 @@ from typing import Any, TypeAlias
 
 import grpc
 import structlog
+from google.protobuf import any_pb2
+from google.rpc.error_details_pb2 import ErrorInfo
+from google.rpc.status_pb2 import Status
 
 from mariana_common import errors
 
@@ -43,6 +46,31 @@ def status_for(error: errors.MarianaError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+STATUS_DETAILS = "grpc-status-details-bin"
+ERROR_DOMAIN = "mariana.dev"
+
+
+def status_details(code: grpc.StatusCode, message: str, reason: str) -> bytes:
+    """google.rpc.Status with an ErrorInfo carrying `reason`: gRPC's rich error
+    model. Envoy's transcoder puts it in the JSON error body, where the edge
+    turns it into OpenAI's `error.code`."""
+    detail = any_pb2.Any()
+    detail.Pack(ErrorInfo(reason=reason, domain=ERROR_DOMAIN))
+    return bytes(Status(code=code.value[0], message=message, details=[detail]).SerializeToString())
+
+
+def reason_of(error: grpc.aio.AioRpcError) -> str | None:
+    """The ErrorInfo reason an upstream attached, if any."""
+    trailers: Any = error.trailing_metadata() or ()
+    for key, value in trailers:
+        if key == STATUS_DETAILS and isinstance(value, bytes):
+            for detail in Status.FromString(value).details:
+                info = ErrorInfo()
+                if detail.Unpack(info):
+                    return str(info.reason)
+    return None
+
+
 def trace_id_from(metadata: Any) -> str:
     values = dict(metadata or ())
     for name in TRACE_HEADERS:
@@ -55,11 +83,13 @@ def trace_id_from(metadata: Any) -> str:
 async def _abort_for(exc: BaseException, context: Context) -> None:
     if isinstance(exc, errors.MarianaError):
         code = status_for(exc)
-        trailers: tuple[tuple[str, str], ...] = ()
+        trailers: list[tuple[str, str | bytes]] = []
         if isinstance(exc, errors.ResourceExhausted | errors.Unavailable) and exc.retry_after_s is not None:
-            trailers = (("retry-after", str(max(1, round(exc.retry_after_s)))),)
+            trailers.append(("retry-after", str(max(1, round(exc.retry_after_s)))))
+        if exc.reason:
+            trailers.append((STATUS_DETAILS, status_details(code, str(exc), exc.reason)))
         log.info("call refused", code=code.name, reason=str(exc))
-        await context.abort(code, str(exc), trailing_metadata=trailers)
+        await context.abort(code, str(exc), trailing_metadata=tuple(trailers))
     log.exception("call failed")
     trace_id = structlog.contextvars.get_contextvars().get("trace_id", "")
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error (trace id {trace_id})")
@@ -151,9 +181,9 @@ def error_from_rpc(error: grpc.aio.AioRpcError) -> errors.MarianaError:
         trailers: Any = error.trailing_metadata() or ()
         hint = dict(trailers).get("retry-after")
         retry_after = float(hint) if isinstance(hint, str) and hint.isdigit() else None
-        return (
-            errors.ResourceExhausted(message, retry_after)
-            if error_type is errors.ResourceExhausted
-            else (errors.Unavailable(message, retry_after))
-        )
-    return error_type(message)
+        if error_type is errors.ResourceExhausted:
+            return errors.ResourceExhausted(message, retry_after, reason_of(error))
+        return errors.Unavailable(message, retry_after)
+    passed_on = error_type(message)
+    passed_on.reason = reason_of(error)
+    return passed_on

@@ -120,7 +120,20 @@ TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
 # body's "stream" field; gRPC needs two methods. This sends a streaming request
 # to the streaming method's path. A quote inside a JSON string is escaped
 # (\"), so the pattern cannot match text inside a message.
-STREAM_SWITCH_LUA = f"""
+# The edge's Lua: on requests, sends `"stream": true` chat bodies to the
+# streaming RPC (OpenAI uses one path for both; gRPC needs two methods); on
+# responses, turns the transcoder's error body ({"code", "message", "details"},
+# google.rpc.Status as JSON) into OpenAI's error shape, with `code` from the
+# ErrorInfo reason a service attached (e.g. insufficient_quota). Bodies that
+# are not a transcoded status (auth's denials are OpenAI-shaped already) pass.
+EDGE_LUA = f"""
+local TYPES = {{["400"] = "invalid_request_error", ["401"] = "invalid_request_error",
+  ["403"] = "permission_error", ["404"] = "invalid_request_error", ["409"] = "invalid_request_error",
+  ["429"] = "rate_limit_error"}}
+local CODES = {{["400"] = "invalid_request", ["401"] = "invalid_api_key", ["403"] = "permission_denied",
+  ["404"] = "not_found", ["409"] = "conflict", ["429"] = "rate_limit_exceeded", ["499"] = "cancelled",
+  ["500"] = "internal_error", ["501"] = "not_implemented", ["503"] = "unavailable", ["504"] = "timeout"}}
+
 function envoy_on_request(handle)
   local headers = handle:headers()
   if headers:get(":path") ~= "{CHAT_PATH}" or headers:get(":method") ~= "POST" then
@@ -140,6 +153,38 @@ function envoy_on_request(handle)
     handle:headers():replace(":path", "{CHAT_STREAM_PATH}")
     handle:clearRouteCache()
   end
+end
+
+function envoy_on_response(handle)
+  local headers = handle:headers()
+  local status = headers:get(":status") or "200"
+  if tonumber(status) < 400 then
+    return
+  end
+  if not string.find(headers:get("content-type") or "", "application/json", 1, true) then
+    return
+  end
+  local body = handle:body()
+  if body == nil then
+    return
+  end
+  local text = body:getBytes(0, body:length())
+  local code, message = string.match(text, '^{{"code":(%d+),"message":"(.*)","details":')
+  if code == nil then
+    code, message = string.match(text, '^{{"code":(%d+),"message":"(.*)"}}$')
+  end
+  if code == nil then
+    return
+  end
+  local reason = string.match(text, '"reason":"([%w_]+)"')
+  local kind = TYPES[status] or (tonumber(status) >= 500 and "server_error" or "invalid_request_error")
+  if reason == "insufficient_quota" then
+    kind = "insufficient_quota"
+  end
+  local out = string.format('{{"error":{{"message":"%s","type":"%s","param":null,"code":"%s"}}}}',
+    message, kind, reason or CODES[status] or "error")
+  body:setBytes(out)
+  handle:headers():replace("content-length", tostring(#out))
 end
 """
 
@@ -353,9 +398,7 @@ def edge_listener(plan: Plan, auth: bool = True) -> Listener:
         http_filters=[
             _http_filter("envoy.filters.http.header_mutation", strip_identity),
             *authz,
-            _http_filter(
-                "envoy.filters.http.lua", Lua(default_source_code=DataSource(inline_string=STREAM_SWITCH_LUA))
-            ),
+            _http_filter("envoy.filters.http.lua", Lua(default_source_code=DataSource(inline_string=EDGE_LUA))),
             _http_filter(TRANSCODER, _transcoder(plan, sse=False)),
             _http_filter("envoy.filters.http.router", Router()),
         ],

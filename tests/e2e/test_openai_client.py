@@ -171,8 +171,9 @@ def test_flagged_prompt_is_400_when_streaming(client: openai.OpenAI) -> None:
 
 
 def test_unknown_model_is_404(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as error:
         client.chat.completions.create(model="gpt-99", messages=QUESTION, max_tokens=5)
+    assert error.value.code == "not_found" and "gpt-99" in error.value.message
 
 
 @pytest.mark.parametrize(
@@ -192,7 +193,8 @@ def test_bad_requests_are_400(platform: Platform, tenant_key: TenantKey, body: d
         timeout=30,
     )
     assert reply.status_code == 400, reply.text
-    assert reply.json()["message"]
+    error = reply.json()["error"]  # OpenAI's error shape
+    assert error["message"] and error["type"] == "invalid_request_error" and error["code"] == "invalid_request"
 
 
 def test_unknown_path_is_404(platform: Platform, tenant_key: TenantKey) -> None:
