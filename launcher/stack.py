@@ -95,6 +95,8 @@ class Stack:
             "router": {
                 "UPSTREAMS": json.dumps(self._upstreams()),
                 "MODERATION_TARGET": self.plan.mesh_target("moderation"),
+                "TOKENIZER_DIR": self.settings.resolved_model_dir(),
+                "SPOOL_FILE": data / "router" / f"usage-spool-{port}.jsonl",
                 **({"CATALOG_FILE": self.settings.router_catalog} if self.settings.router_catalog else {}),
             },
         }

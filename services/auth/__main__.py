@@ -4,10 +4,10 @@ import secrets
 from pathlib import Path
 
 import grpc
-import redis.asyncio as redis
 
 from mariana_common.channels import mesh_channel
 from mariana_common.logs import configure_logging
+from mariana_common.redis_client import redis_client
 from mariana_common.server import create_server, run, serve
 from mariana_common.settings import RedisSettings
 from mariana_common.sql import Database, database_url
@@ -33,7 +33,7 @@ async def main() -> None:
     configure_logging("auth", settings.log_level)
     db = Database(database_url(settings.database))
     store = KeyStore(db, load_pepper(settings.pepper_file))
-    client = redis.Redis.from_url(RedisSettings().redis_url, socket_timeout=0.5)
+    client = redis_client(RedisSettings().redis_url, timeout_s=0.5)
     billing = mesh_channel(settings.billing_target, settings) if settings.billing_target else None
     authorizer = Authorizer(
         store,

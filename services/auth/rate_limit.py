@@ -4,10 +4,11 @@ shared by every auth and router replica.
 Admission (auth, on every request) checks every bucket that applies — the
 key's and the tenant's RPM and TPM — in one Lua script, so a request takes from
 all of them or from none. A bucket holds up to a minute's allowance and refills
-continuously, so a burst admits exactly the limit. Token buckets are charged
-after the fact: the router debits the real usage when a response completes
-(`debit_tokens`), which may drive a bucket below zero; admission then waits
-until it refills. Redis's clock is used, so replicas agree."""
+continuously, so a burst admits exactly the limit. Auth only checks that a
+token bucket is not empty (it cannot see the request body); the router then
+reserves the request's worst-case tokens from the same buckets and gives back
+what was not used (`services/billing/reservations.py`), so admitted tokens
+never pass the limit. Redis's clock is used, so replicas agree."""
 
 from __future__ import annotations
 
@@ -48,23 +49,6 @@ for i = 1, #KEYS do
   out[#out + 1] = math.floor(tokens)
 end
 return out
-"""
-
-# KEYS: token buckets. ARGV[1]: tokens used. Buckets that do not exist (never
-# admitted, or expired full) are left alone.
-DEBIT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local used = tonumber(ARGV[1])
-for i = 1, #KEYS do
-  local state = redis.call('HMGET', KEYS[i], 'tokens', 'ts', 'cap', 'rate')
-  if state[1] then
-    local cap, rate = tonumber(state[3]), tonumber(state[4])
-    local tokens = math.min(cap, tonumber(state[1]) + math.max(0, now - tonumber(state[2])) * rate) - used
-    redis.call('HSET', KEYS[i], 'tokens', tostring(tokens), 'ts', now)
-  end
-end
-return 1
 """
 
 MINUTE_MS = 60_000
@@ -147,6 +131,6 @@ class RateLimiter:
 
 
 def token_buckets(key_id: str, tenant_id: str) -> list[str]:
-    """Where a request's real token usage is charged after it completes (the
-    router does it, with DEBIT, when it publishes the usage)."""
+    """The key's and tenant's tokens-per-minute buckets (the router reserves
+    from them; those a key has no limit for do not exist and are skipped)."""
     return [token_bucket("key", key_id), token_bucket("tenant", tenant_id)]

@@ -4,15 +4,15 @@ server run side by side; SIGTERM stops both."""
 import asyncio
 import contextlib
 
-import redis.asyncio as redis
-
 from mariana_common.logs import configure_logging
+from mariana_common.redis_client import redis_client
 from mariana_common.server import create_server, run, serve
 from mariana_common.sql import Database, database_url
 from services.billing.consumer import UsageConsumer
 from services.billing.events import UsageStreamSettings
 from services.billing.ledger import Ledger
 from services.billing.prices import load_prices
+from services.billing.reservations import Reservations
 from services.billing.servicer import SERVICE_NAME, register
 from services.billing.settings import BillingSettings
 
@@ -22,7 +22,8 @@ async def main() -> None:
     stream = UsageStreamSettings()
     configure_logging("billing", settings.log_level)
     ledger = Ledger(Database(database_url(settings.database)))
-    client = redis.Redis.from_url(stream.redis_url)
+    client = redis_client(stream.redis_url, timeout_s=5.0)
+    reservations = Reservations(client)
     consumer = UsageConsumer(
         client,
         ledger,
@@ -33,10 +34,11 @@ async def main() -> None:
         reclaim_idle_ms=settings.reclaim_idle_ms,
         alerts_stream=settings.alerts_stream,
         linger_s=settings.consumer_linger_s,
+        reservations=reservations,
     )
     stop = asyncio.Event()
     consuming = asyncio.create_task(consumer.run(stop))
-    server = create_server(settings, register(ledger), [SERVICE_NAME])
+    server = create_server(settings, register(ledger, reservations), [SERVICE_NAME])
     try:
         await serve(server, settings)
     finally:

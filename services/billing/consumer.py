@@ -15,6 +15,7 @@ from mariana_common.sql import IntegrityError
 from services.billing.events import decode
 from services.billing.ledger import Entry, Ledger
 from services.billing.prices import PriceCatalog
+from services.billing.reservations import Reservations
 
 log = structlog.get_logger()
 
@@ -52,6 +53,8 @@ class UsageConsumer:
         reclaim_idle_ms: int = 30_000,
         alerts_stream: str = "mariana:alerts",
         linger_s: float = 0.0,
+        reservations: Reservations | None = None,
+        reap_interval_s: float = 5.0,
     ) -> None:
         self._redis = client
         self._ledger = ledger
@@ -67,6 +70,10 @@ class UsageConsumer:
         # bigger: one transaction per batch, so fewer and larger batches cost
         # less CPU per event, for at most this much more ledger lag.
         self._linger_s = linger_s
+        # The admission state the routers reserve against: spend applied here,
+        # reservations released when their row commits or their lease ends.
+        self._reservations = reservations
+        self._reap_interval_s = reap_interval_s
 
     async def ensure_group(self) -> None:
         try:
@@ -82,16 +89,24 @@ class UsageConsumer:
         )
         log.warning("usage event dead-lettered", message_id=message_id.decode(), reason=reason)
 
-    async def _record(self, batch: list[tuple[bytes, dict[bytes, bytes], Entry]]) -> int:
+    async def _record(self, batch: list[tuple[bytes, dict[bytes, bytes], Entry]]) -> list[Entry]:
         try:
-            return await asyncio.to_thread(self._ledger.record, [entry for _, _, entry in batch])
+            return await asyncio.to_thread(self._ledger.record_new, [entry for _, _, entry in batch])
         except IntegrityError:
             if len(batch) == 1:
                 message_id, fields, _ = batch[0]
                 await self._dead_letter(message_id, fields, "rejected by the ledger's constraints")
-                return 0
+                return []
         # One bad entry must not block the rest: apply them one by one.
-        return sum([await self._record([item]) for item in batch])
+        return [entry for item in batch for entry in await self._record([item])]
+
+    async def _admit_spend(self, entries: list[Entry]) -> None:
+        """The new rows' cost counts against budgets in Redis, and their
+        reservations end. Only new rows: a redelivered event changes nothing."""
+        if self._reservations is None:
+            return
+        for e in entries:
+            await self._reservations.apply(e.request_id, e.tenant_id, e.key_id, e.cost_micros)
 
     async def apply(self, messages: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
         """Records a batch, then acknowledges it; returns how many entries were new."""
@@ -101,11 +116,32 @@ class UsageConsumer:
                 decoded.append((message_id, fields, to_entry(fields, self._prices)))
             except ValueError as exc:
                 await self._dead_letter(message_id, fields, str(exc))
-        applied = await self._record(decoded) if decoded else 0
-        if applied:
+        new = await self._record(decoded) if decoded else []
+        if new:
+            await self._admit_spend(new)
             await self._alert({(e.tenant_id, s) for _, _, e in decoded for s in ("", e.key_id)})
         await self._redis.xack(self._stream, self._group, *[message_id for message_id, _ in messages])
-        return applied
+        return len(new)
+
+    async def sync_admission_state(self) -> None:
+        """Sets the Redis spend and hard limits from the ledger (at start: a
+        crash between a commit and its Redis update leaves nothing behind)."""
+        if self._reservations is None:
+            return
+        for tenant_id, key_id, spent in await asyncio.to_thread(self._ledger.spend_by_scope):
+            await self._reservations.set_spent(tenant_id, key_id, spent)
+        for tenant_id, key_id, hard in await asyncio.to_thread(self._ledger.hard_limits):
+            await self._reservations.set_hard_limit(tenant_id, key_id, hard)
+
+    async def reap(self) -> list[str]:
+        """Releases reservations whose lease ended (their request died with its
+        replica, or its usage is late and will count when it comes)."""
+        if self._reservations is None:
+            return []
+        released = await self._reservations.release_expired()
+        if released:
+            log.warning("reservations released at lease end", count=len(released))
+        return released
 
     async def _alert(self, scopes: set[tuple[str, str]]) -> None:
         """A soft budget just crossed becomes one event on the alerts stream."""
@@ -145,6 +181,7 @@ class UsageConsumer:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.ensure_group()
+        await self.sync_admission_state()
         # First what this consumer read but did not acknowledge before a crash,
         # then what consumers that are gone left behind.
         while pending := await self._read("0"):
@@ -152,6 +189,7 @@ class UsageConsumer:
         await self.reclaim()
         loop = asyncio.get_running_loop()
         next_reclaim = loop.time() + self._reclaim_idle_ms / 1000
+        next_reap = loop.time() + self._reap_interval_s
         while not stop.is_set():
             try:
                 messages = await self._read(">")
@@ -160,6 +198,9 @@ class UsageConsumer:
                     log.debug("usage applied", received=len(messages), new=applied)
                     if len(messages) < self._batch and self._linger_s:
                         await asyncio.sleep(self._linger_s)
+                if loop.time() >= next_reap:
+                    next_reap = loop.time() + self._reap_interval_s
+                    await self.reap()
                 if loop.time() >= next_reclaim:
                     next_reclaim = loop.time() + self._reclaim_idle_ms / 1000
                     if claimed := await self.reclaim():

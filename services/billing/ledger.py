@@ -86,13 +86,17 @@ class Ledger:
     # -- usage ------------------------------------------------------------------
 
     def record(self, entries: list[Entry]) -> int:
-        """Applies entries in one transaction; returns how many were new.
+        """Applies entries in one transaction; returns how many were new."""
+        return len(self.record_new(entries))
+
+    def record_new(self, entries: list[Entry]) -> list[Entry]:
+        """Applies entries in one transaction; returns the ones that were new.
         Only a duplicate request id is skipped; anything else a constraint
         refuses rolls the whole batch back."""
-        new = 0
+        new: list[Entry] = []
         with self._db.transaction():
             for e in entries:
-                new += self._db.execute(
+                inserted = self._db.execute(
                     f"INSERT INTO usage_entries ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT (request_id) DO NOTHING",
                     (
@@ -107,6 +111,8 @@ class Ledger:
                         e.cost_micros,
                     ),
                 )
+                if inserted:
+                    new.append(e)
         return new
 
     def entries(self, tenant_id: str, request_id: str = "") -> list[Entry]:
@@ -174,6 +180,21 @@ class Ledger:
         return Limits(spent, int(hard), int(soft))  # type: ignore[arg-type]
 
     # -- budgets ----------------------------------------------------------------
+
+    def spend_by_scope(self) -> list[tuple[str, str, int]]:
+        """(tenant, key, spent) for every key, and (tenant, "", spent) for every tenant."""
+        rows = self._db.fetchall(
+            "SELECT tenant_id, key_id, COALESCE(SUM(cost_micros), 0) FROM usage_entries GROUP BY tenant_id, key_id"
+        )
+        per_key = [(str(t), str(k), int(c)) for t, k, c in rows]
+        tenants: dict[str, int] = {}
+        for tenant, _, cost in per_key:
+            tenants[tenant] = tenants.get(tenant, 0) + cost
+        return per_key + [(tenant, "", cost) for tenant, cost in tenants.items()]
+
+    def hard_limits(self) -> list[tuple[str, str, int]]:
+        rows = self._db.fetchall("SELECT tenant_id, key_id, hard_limit_micros FROM budgets")
+        return [(str(t), str(k), int(h)) for t, k, h in rows]
 
     def set_budget(
         self, tenant_id: str, hard_limit_micros: int, soft_limit_micros: int, key_id: str = ""

@@ -12,6 +12,7 @@ from mariana_common.errors import InvalidArgument
 from mariana_common.server import Context, Registrar
 from services.billing.invoices import make_invoice, to_csv
 from services.billing.ledger import BudgetStatus, Entry, Ledger, UsageLine
+from services.billing.reservations import Reservations
 
 SERVICE_NAME = "mariana.billing.v1.BillingService"
 
@@ -47,8 +48,9 @@ def budget_to_proto(b: BudgetStatus) -> pb.BudgetStatus:
 
 
 class BillingServicer(pb_grpc.BillingServiceServicer):
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, reservations: Reservations | None = None) -> None:
         self._ledger = ledger
+        self._reservations = reservations
 
     async def GetUsage(self, request: pb.GetUsageRequest, context: Context) -> pb.GetUsageResponse:
         if not request.tenant_id:
@@ -68,6 +70,8 @@ class BillingServicer(pb_grpc.BillingServiceServicer):
         if soft and hard and soft > hard:
             raise InvalidArgument("the soft limit must not exceed the hard limit")
         status = await asyncio.to_thread(self._ledger.set_budget, request.tenant_id, hard, soft, request.key_id)
+        if self._reservations is not None:  # the routers admit against it from now on
+            await self._reservations.set_hard_limit(request.tenant_id, request.key_id, hard)
         return pb.SetBudgetResponse(status=budget_to_proto(status))
 
     async def GetBudgetStatus(self, request: pb.GetBudgetStatusRequest, context: Context) -> pb.GetBudgetStatusResponse:
@@ -121,8 +125,8 @@ def line_to_proto(line: UsageLine) -> pb.UsageLine:
     )
 
 
-def register(ledger: Ledger) -> Registrar:
+def register(ledger: Ledger, reservations: Reservations | None = None) -> Registrar:
     def add(server: grpc.aio.Server) -> None:
-        pb_grpc.add_BillingServiceServicer_to_server(BillingServicer(ledger), server)
+        pb_grpc.add_BillingServiceServicer_to_server(BillingServicer(ledger, reservations), server)
 
     return add

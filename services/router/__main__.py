@@ -1,12 +1,14 @@
 """Router entry point: catalog + upstream channels + cache + usage publisher
 -> model router -> gateway -> serve."""
 
-import redis.asyncio as redis
-
 from mariana_common.channels import mesh_channel
 from mariana_common.logs import configure_logging
+from mariana_common.redis_client import redis_client
 from mariana_common.server import create_server, run, serve
 from services.billing.events import UsageStreamSettings
+from services.billing.prices import load_prices
+from services.billing.reservations import Reservations
+from services.router.admission import Admission, PromptCounter
 from services.router.cache import ResponseCache
 from services.router.catalog import PoolConfig, reloading_catalog
 from services.router.domain import Inference
@@ -15,6 +17,7 @@ from services.router.remote import OpenAICompatiblePool, read_key
 from services.router.routing import ModelRouter, pool_clients
 from services.router.servicer import SERVICE_NAME, register
 from services.router.settings import RouterSettings
+from services.router.spool import Spool
 from services.router.upstreams import GrpcInference, GrpcModeration
 from services.router.usage import RedisUsagePublisher
 
@@ -27,8 +30,9 @@ async def main() -> None:
     channels = {name: mesh_channel(target, settings) for name, target in settings.upstreams.items()}
     upstreams = {name: GrpcInference(channel, settings.inference_timeout_s) for name, channel in channels.items()}
     moderation_channel = mesh_channel(settings.moderation_target, settings)
-    client = redis.Redis.from_url(stream.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
-    usage = RedisUsagePublisher(client, stream.usage_stream)
+    client = redis_client(stream.redis_url)
+    reservations = Reservations(client)
+    usage = RedisUsagePublisher(client, stream.usage_stream, reservations, Spool(settings.spool_file))
     usage.start()
 
     def remote(config: PoolConfig) -> Inference:
@@ -43,6 +47,14 @@ async def main() -> None:
         usage,
         settings.output_window_chars,
         ResponseCache(client, lambda: catalog().cache),
+        Admission(
+            reservations,
+            load_prices(settings.prices_file),
+            PromptCounter(settings.tokenizer_dir),
+            settings.reservation_lease_s,
+            fail_open=settings.reservation_failure == "open",
+        ),
+        settings.default_max_tokens,
     )
     server = create_server(settings, register(gateway), [SERVICE_NAME])
     try:

@@ -102,6 +102,8 @@ class UsageRecord:
     completion_tokens: int
     finish_reason: str
     completed_at: float
+    # The real cost its reservation settles to (None: nothing was reserved).
+    settle_micros: int | None = None
 
 
 class Inference(Protocol):
@@ -133,3 +135,6 @@ class Moderation(Protocol):
 class UsageSink(Protocol):
     def publish(self, record: UsageRecord) -> None:
         """Must not block the request: delivery happens off the request path."""
+
+    def release(self, request_id: str) -> None:
+        """The request generated nothing billable: its reservation goes back whole."""

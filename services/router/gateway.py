@@ -13,6 +13,7 @@ from contextlib import aclosing
 from dataclasses import replace
 
 from mariana_common.errors import InvalidArgument
+from services.router.admission import Admission
 from services.router.cache import CachedAnswer, Lookup, ResponseCache
 from services.router.domain import (
     Caller,
@@ -59,6 +60,8 @@ class Gateway:
         usage: UsageSink,
         output_window_chars: int = 32,
         cache: ResponseCache | None = None,
+        admission: Admission | None = None,
+        default_max_tokens: int = 256,
     ) -> None:
         self._router = router
         self._inference = inference  # embeddings and the model list
@@ -66,6 +69,8 @@ class Gateway:
         self._usage = usage
         self._output_window_chars = output_window_chars
         self._cache = cache
+        self._admission = admission
+        self._default_max_tokens = default_max_tokens
 
     async def _moderate_input(self, caller: Caller, request: GenerationRequest) -> GenerationRequest:
         verdicts = await self._moderation.check(request.texts(), caller.request_id, caller.tenant_id, "input")
@@ -89,7 +94,13 @@ class Gateway:
 
         return OutputGuard(check, self._output_window_chars, check_many)
 
-    def _record(self, caller: Caller, model: str, prompt_tokens: int, completion: int, finish_reason: str) -> None:
+    def _record(
+        self, caller: Caller, model: str, prompt_tokens: int, completion: int, finish_reason: str, reserved: bool
+    ) -> None:
+        now = time.time()
+        settle = None
+        if reserved and self._admission is not None:
+            settle = self._admission.actual_cost(model, prompt_tokens, completion, now)
         self._usage.publish(
             UsageRecord(
                 request_id=caller.request_id,
@@ -99,9 +110,22 @@ class Gateway:
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion,
                 finish_reason=finish_reason,
-                completed_at=time.time(),
+                completed_at=now,
+                settle_micros=settle,
             )
         )
+
+    async def _reserve(
+        self, caller: Caller, request: GenerationRequest, model: str, n: int
+    ) -> tuple[GenerationRequest, bool]:
+        """Reserves the request's worst case; the request it returns names its
+        max_tokens, so inference cannot go past what was reserved."""
+        if self._admission is None:
+            return request, False
+        max_tokens = request.sampling.max_tokens or self._default_max_tokens
+        request = replace(request, sampling=replace(request.sampling, max_tokens=max_tokens))
+        worst = self._admission.worst_case(request, n, max_tokens, self._router.chain(model))
+        return request, await self._admission.reserve(caller, worst)
 
     async def _choice(
         self, caller: Caller, request: GenerationRequest, index: int, stream: bool, route: Route
@@ -165,6 +189,7 @@ class Gateway:
             route.model, route.step = model, "cache"
             yield cached_piece(lookup.answer)
             return
+        request, reserved = await self._reserve(caller, request, model, n)
         latest: dict[int, Piece] = {}
         recorded = False
         first_finish = "stop"
@@ -175,7 +200,7 @@ class Gateway:
                 recorded = True
                 prompt = max((p.prompt_tokens for p in latest.values()), default=0)
                 completion = sum(p.completion_tokens for p in latest.values())
-                self._record(caller, route.model or model, prompt, completion, finish_reason)
+                self._record(caller, route.model or model, prompt, completion, finish_reason, reserved)
 
         text: list[str] = []
         undelivered = False  # not streamed, and no pool could finish it
@@ -205,6 +230,8 @@ class Gateway:
             # they are billed. An answer no pool could finish, never sent, is not.
             if not recorded and not undelivered and any(p.completion_tokens for p in latest.values()):
                 record(CANCELLED)
+            if reserved and not recorded:
+                self._usage.release(caller.request_id)
         last = latest.get(0)
         if key is not None and self._cache is not None and last is not None and first_finish in CACHEABLE_FINISH:
             answer = CachedAnswer("".join(text), first_finish, last.prompt_tokens, last.completion_tokens, time.time())

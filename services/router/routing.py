@@ -103,6 +103,10 @@ class ModelRouter:
     def resolve(self, name: str) -> str:
         return self._catalog().resolve(name)
 
+    def chain(self, model: str) -> list[str]:
+        """The public models a request for `model` may be served by."""
+        return self._catalog().chain(model)
+
     async def generate(
         self,
         request: GenerationRequest,

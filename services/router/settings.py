@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from mariana_common.settings import ServiceSettings
+from services.billing.prices import DEFAULT_FILE as DEFAULT_PRICES
 from services.router.catalog import DEFAULT_FILE as DEFAULT_CATALOG
 
 
@@ -20,6 +22,18 @@ class RouterSettings(ServiceSettings):
     default_upstream: str = Field("inference", description="The upstream that serves embeddings and lists models.")
     moderation_target: str = Field(..., description="host:port of Envoy's mesh listener for moderation.")
     catalog_file: Path = Field(DEFAULT_CATALOG, description="The model catalog (YAML), re-read when it changes.")
+    tokenizer_dir: Path | None = Field(
+        None, description="The default model's folder: its tokenizer counts prompt tokens for reservations."
+    )
+    prices_file: Path = Field(DEFAULT_PRICES, description="Billing's price catalog, for worst-case costs.")
+    default_max_tokens: int = Field(256, gt=0, description="max_tokens of a request that names none (reserved).")
+    reservation_lease_s: float = Field(
+        600.0, gt=0, description="A reservation of a request with no deadline lives this long."
+    )
+    reservation_failure: Literal["open", "closed"] = Field(
+        "open", description="When Redis is down: admit without a reservation (open) or refuse with 503 (closed)."
+    )
+    spool_file: Path = Field(Path(".data/router/usage-spool.jsonl"), description="Usage kept here while Redis is away.")
     inference_timeout_s: float = Field(120.0, gt=0, description="Deadline of one generation call.")
     moderation_timeout_s: float = Field(2.0, gt=0, description="Deadline of one moderation call.")
     output_window_chars: int = Field(

@@ -10,8 +10,9 @@ import redis.asyncio as redis
 from mariana_common.errors import Unavailable
 from mariana_common.sql import Database
 from services.auth.authorizer import Authorizer, RateLimited
-from services.auth.rate_limit import DEBIT, RateLimiter, limits_for, token_buckets
+from services.auth.rate_limit import RateLimiter, limits_for, token_buckets
 from services.auth.store import KeyStore
+from services.billing.reservations import Reservations
 
 
 async def test_a_burst_admits_exactly_the_limit(flush_redis: str) -> None:
@@ -38,16 +39,16 @@ async def test_tenant_limit_spans_its_keys_and_is_all_or_nothing(flush_redis: st
     assert 3.9 < level < 4.1
 
 
-async def test_tokens_are_charged_after_the_fact(flush_redis: str) -> None:
+async def test_tokens_reserved_by_the_router_empty_the_bucket_auth_admits_by(flush_redis: str) -> None:
     client = redis.Redis.from_url(flush_redis)
     limiter = RateLimiter(client)
     limits = limits_for("k", "t", key_rpm=None, key_tpm=1000, tenant_rpm=None, tenant_tpm=None)
-    assert (await limiter.admit(limits)).allowed  # creates the bucket, charges nothing yet
-    debit = client.register_script(DEBIT)
-    await debit(keys=token_buckets("k", "t"), args=[1500])  # a long answer overdraws it
+    assert (await limiter.admit(limits)).allowed  # creates the bucket, takes nothing yet
+    reservations = Reservations(client)
+    assert await reservations.reserve("r1", "t", "k", 10, 1000, 60_000, token_buckets("k", "t")) is None
     refused = await limiter.admit(limits)
     assert not refused.allowed and refused.exceeded == "tokens"
-    assert 25 <= refused.retry_after_s <= 31  # ~500 tokens of a 1000/min refill
+    assert refused.retry_after_s <= 1  # one token of a 1000/min refill
     assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
 
 

@@ -92,9 +92,13 @@ class RuleModeration:
 class RecordingSink:
     def __init__(self) -> None:
         self.records: list[UsageRecord] = []
+        self.released: list[str] = []
 
     def publish(self, record: UsageRecord) -> None:
         self.records.append(record)
+
+    def release(self, request_id: str) -> None:
+        self.released.append(request_id)
 
 
 def chat(text: str) -> GenerationRequest:

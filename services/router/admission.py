@@ -1,0 +1,135 @@
+"""Admission by worst-case cost: before inference, a request reserves what it
+could cost at most — its prompt tokens (counted with the model's tokenizer,
+plus the chat template's tokens) and `max_tokens` for each choice, priced at
+the highest price of any model it may be served by — against the hard budgets
+and tokens-per-minute buckets every replica shares (one Redis script). The
+reservation is settled to the real usage when the request ends."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from redis.exceptions import RedisError
+from tokenizers import Tokenizer
+
+from mariana_common.errors import ResourceExhausted, Unavailable
+from services.auth.rate_limit import token_buckets
+from services.billing.prices import PriceCatalog
+from services.billing.reservations import Reservations
+from services.router.domain import Caller, GenerationRequest
+
+log = structlog.get_logger()
+
+# A chat template wraps each message in role markers and may add a default
+# system prompt: SmolLM2's adds at most 6 tokens per message and 32 in all
+# (measured with its template; an empty user message is 30 tokens).
+TEMPLATE_TOKENS_PER_MESSAGE = 6
+TEMPLATE_TOKENS_FIXED = 32
+
+
+class PromptCounter:
+    """An upper bound on a request's prompt tokens: exact content tokens with
+    the model's tokenizer, or UTF-8 bytes (a byte-level BPE never makes more
+    tokens than bytes) when there is none, plus the template's tokens."""
+
+    def __init__(self, tokenizer_dir: Path | None) -> None:
+        path = tokenizer_dir / "tokenizer.json" if tokenizer_dir else None
+        self._tokenizer = Tokenizer.from_file(str(path)) if path and path.exists() else None
+
+    def count(self, texts: Sequence[str]) -> int:
+        if self._tokenizer is None:
+            content = sum(len(t.encode()) for t in texts)
+        else:
+            content = sum(len(e.ids) for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False))
+        return content + TEMPLATE_TOKENS_PER_MESSAGE * len(texts) + TEMPLATE_TOKENS_FIXED
+
+
+@dataclass(frozen=True)
+class WorstCase:
+    prompt_tokens: int
+    completion_tokens: int
+    cost_micros: int
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Admission:
+    def __init__(
+        self,
+        reservations: Reservations,
+        prices: PriceCatalog,
+        counter: PromptCounter,
+        lease_s: float,
+        fail_open: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._reservations = reservations
+        self._fail_open = fail_open
+        self.unreserved = 0  # requests admitted without a reservation (Redis away)
+        self._prices = prices
+        self._counter = counter
+        self._lease_s = lease_s
+        self._clock = clock
+
+    def worst_case(self, request: GenerationRequest, n: int, max_tokens: int, models: Sequence[str]) -> WorstCase:
+        prompt = self._counter.count(request.texts())
+        completion = n * max_tokens
+        now = self._clock()
+        # The price in force now, or one that starts before the lease ends.
+        prices = [self._prices.price(m, at) for m in models for at in (now, now + self._lease_s)]
+        cost = max(p.cost_micros(prompt, completion) for p in prices)
+        return WorstCase(prompt, completion, cost)
+
+    def actual_cost(self, model: str, prompt_tokens: int, completion_tokens: int, at: float) -> int:
+        """As billing will price it (the same catalog and rounding)."""
+        return self._prices.price(model, at).cost_micros(prompt_tokens, completion_tokens)
+
+    async def reserve(self, caller: Caller, worst: WorstCase) -> bool:
+        """True when reserved; False when Redis is away and the router fails
+        open (budgets then rest on auth's check against the ledger). Raises
+        ResourceExhausted (insufficient_quota or rate_limit_exceeded) when
+        refused, Unavailable when Redis is away and it fails closed."""
+        lease_ms = int(self._lease_s * 1000)
+        if caller.deadline is not None:
+            lease_ms = int(max(1.0, caller.deadline - time.monotonic()) * 1000) + 60_000
+        try:
+            refusal = await self._reservations.reserve(
+                caller.request_id,
+                caller.tenant_id,
+                caller.key_id,
+                worst.cost_micros,
+                worst.tokens,
+                lease_ms,
+                token_buckets(caller.key_id, caller.tenant_id),
+            )
+        except (RedisError, OSError) as error:
+            log.error("reservation unavailable", fail_open=self._fail_open, error=str(error))
+            if not self._fail_open:
+                raise Unavailable("admission is unavailable; retry shortly", retry_after_s=1) from error
+            self.unreserved += 1
+            return False
+        if refusal is None:
+            return True
+        if refusal.reason in ("tenant", "key"):
+            whose = "tenant" if refusal.reason == "tenant" else "key"
+            raise ResourceExhausted(
+                f"You exceeded your current quota: this request could cost up to {worst.cost_micros} micro-units, "
+                f"more than is left of the {whose}'s hard budget.",
+                reason="insufficient_quota",
+            )
+        if refusal.reason == "too_large":
+            raise ResourceExhausted(
+                f"Request too large: up to {worst.tokens} tokens is more than the tokens-per-minute limit.",
+                reason="rate_limit_exceeded",
+            )
+        raise ResourceExhausted(
+            f"Rate limit reached for tokens per minute: this request needs up to {worst.tokens} tokens.",
+            retry_after_s=max(1.0, refusal.retry_after_ms / 1000),
+            reason="rate_limit_exceeded",
+        )
