@@ -4,7 +4,10 @@ Outputs (never committed):
   gen/                      Python modules (*_pb2.py, *_pb2.pyi, *_pb2_grpc.py)
   build/mariana.pb          descriptor set with imports, for Envoy's transcoder
   build/third_party/google/api/{annotations,http}.proto
-                            copied from the googleapis-common-protos wheel
+  build/third_party/google/rpc/{status,error_details}.proto
+                            copied from the googleapis-common-protos wheel (the
+                            rpc ones are in the descriptor set so the transcoder
+                            can render a status's ErrorInfo details as JSON)
 """
 
 from __future__ import annotations
@@ -23,15 +26,16 @@ GEN = ROOT / "gen"
 BUILD = ROOT / "build"
 THIRD_PARTY = BUILD / "third_party"
 DESCRIPTOR_SET = BUILD / "mariana.pb"
-GOOGLEAPIS_FILES = ("annotations.proto", "http.proto")
+GOOGLEAPIS_FILES = ("api/annotations.proto", "api/http.proto", "rpc/status.proto", "rpc/error_details.proto")
+STATUS_PROTOS = ("google/rpc/status.proto", "google/rpc/error_details.proto")
 
 
 def copy_googleapis() -> None:
-    source = Path(annotations_pb2.__file__).parent
-    target = THIRD_PARTY / "google" / "api"
-    target.mkdir(parents=True, exist_ok=True)
+    source = Path(annotations_pb2.__file__).parent.parent
     for name in GOOGLEAPIS_FILES:
-        shutil.copyfile(source / name, target / name)
+        target = THIRD_PARTY / "google" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / name, target)
 
 
 def run_protoc(args: list[str]) -> None:
@@ -47,7 +51,7 @@ def main() -> None:
     shutil.rmtree(GEN, ignore_errors=True)
     GEN.mkdir(parents=True)
     run_protoc([f"--python_out={GEN}", f"--pyi_out={GEN}", f"--grpc_python_out={GEN}", *sources])
-    run_protoc([f"--descriptor_set_out={DESCRIPTOR_SET}", "--include_imports", *sources])
+    run_protoc([f"--descriptor_set_out={DESCRIPTOR_SET}", "--include_imports", *sources, *STATUS_PROTOS])
     print(f"generated {len(sources)} protos into {GEN.relative_to(ROOT)}/ and {DESCRIPTOR_SET.relative_to(ROOT)}")
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from mariana.llm.v1 import llm_pb2, llm_pb2_grpc
 from tests.e2e.conftest import EMBEDDER, MODEL, Platform, first_refusal
+from tests.e2e.ledger import wait_for_ledger
 
 pytestmark = pytest.mark.e2e
 
@@ -109,15 +110,21 @@ def test_requests_per_minute_limit(platform: Platform) -> None:
     assert response.json()["error"]["code"] == "rate_limit_exceeded"
 
 
-def test_tokens_per_minute_counts_real_usage(platform: Platform) -> None:
-    client = platform.openai(str(new_key(platform, tenant="tpm-tenant", tpm=60)["secret"]))
-    reply = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Tell me about the sea."}], max_tokens=40, temperature=0
-    )
-    assert reply.usage is not None and reply.usage.total_tokens > 60  # this request overdraws the minute
-    # Usage is charged when the router publishes it, off the request path.
-    refused = first_refusal(client.models.list, openai.RateLimitError, "token usage was never charged", timeout_s=10)
-    assert refused.response.json()["error"]["type"] == "tokens"
+def test_tokens_per_minute_reserve_the_worst_case_and_settle_to_real_usage(platform: Platform) -> None:
+    client = platform.openai(str(new_key(platform, tenant="tpm-tenant", tpm=150)["secret"]))
+    question = [{"role": "user", "content": "Tell me about the sea."}]
+    # The worst case (prompt bound ~45 + max_tokens 60) fits the minute's 150 tokens once.
+    reply = client.chat.completions.create(model=MODEL, messages=question, max_tokens=60, temperature=0)
+    assert reply.usage is not None and reply.usage.total_tokens <= 105
+    # More of them are refused before inference once the minute cannot hold their worst case.
+    with pytest.raises(openai.RateLimitError) as refused:
+        for _ in range(3):
+            client.chat.completions.create(model=MODEL, messages=question, max_tokens=60, temperature=0.5)
+    response = refused.value.response
+    assert response.json()["error"]["code"] == "rate_limit_exceeded" and int(response.headers["retry-after"]) >= 1
+    with pytest.raises(openai.RateLimitError) as too_large:  # can never fit the minute
+        client.chat.completions.create(model=MODEL, messages=question, max_tokens=500)
+    assert "too large" in too_large.value.message
 
 
 def test_grpc_client_is_rate_limited_too(platform: Platform) -> None:
@@ -132,21 +139,27 @@ def test_grpc_client_is_rate_limited_too(platform: Platform) -> None:
     assert "rate_limit_exceeded" in refused.value.details()  # type: ignore[attr-defined]
 
 
-def test_tenant_over_hard_budget_gets_insufficient_quota(platform: Platform) -> None:
+def test_spend_never_passes_a_hard_budget(platform: Platform) -> None:
     from mariana.billing.v1 import billing_pb2, billing_pb2_grpc
 
     created = new_key(platform, tenant="budgeted")
     client = platform.openai(str(created["secret"]))
+    budget = 30  # micro-units: a few of these requests' worst cases (~9 each)
     with grpc.insecure_channel(platform.edge) as channel:
         billing = billing_pb2_grpc.BillingServiceStub(channel)
         billing.SetBudget(
-            billing_pb2.SetBudgetRequest(tenant_id=str(created["tenant_id"]), hard_limit_micros=2),
+            billing_pb2.SetBudgetRequest(tenant_id=str(created["tenant_id"]), hard_limit_micros=budget),
             metadata=(("authorization", f"Bearer {platform.master_key}"),),
             timeout=10,
         )
-    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi there"}], max_tokens=20)
-    # The ledger applies usage asynchronously; auth re-asks billing every few seconds.
-    refused = first_refusal(
-        client.models.list, openai.RateLimitError, "spend over the hard budget was never enforced", timeout_s=15
-    )
-    assert refused.response.json()["error"]["code"] == "insufficient_quota"
+    ids = []
+    with pytest.raises(openai.RateLimitError) as refused:
+        for _ in range(20):
+            reply = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Hi there"}], max_tokens=20
+            )
+            ids.append(reply.id.removeprefix("chatcmpl-"))
+    assert refused.value.response.json()["error"]["code"] == "insufficient_quota"
+    assert ids  # the budget admitted some
+    entries = wait_for_ledger(platform, str(created["tenant_id"]), ids)
+    assert sum(e.cost_micros for e in entries) <= budget
