@@ -6,8 +6,9 @@ for a model."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from mariana_common.errors import InvalidArgument, NotFound
 from services.inference.engine import GenerationInput, ModelCard, validate
@@ -19,7 +20,14 @@ TEMPLATE_TOKENS_PER_MESSAGE = 4
 
 
 class EchoEngine:
-    def __init__(self, model_id: str, completion_tokens: int, chunk_tokens: int, context_length: int = 8192) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        completion_tokens: int,
+        chunk_tokens: int,
+        context_length: int = 8192,
+        chunk_interval_s: float = 0.0,
+    ) -> None:
         if completion_tokens < 1 or chunk_tokens < 1:
             raise ValueError("the echo backend needs at least one token and one token per chunk")
         self.model_id = model_id
@@ -27,6 +35,8 @@ class EchoEngine:
         self._chunk_tokens = chunk_tokens
         self._context_length = context_length
         self._created = int(time.time())
+        # 0 answers at once; more paces the chunks like a model's decode steps.
+        self._chunk_interval_s = chunk_interval_s
 
     def card(self) -> ModelCard:
         return ModelCard(self.model_id, "echo", "none", self._context_length, self._created)
@@ -46,7 +56,7 @@ class EchoEngine:
             raise InvalidArgument("prompt must not be empty")
         return len(request.prompt.split())
 
-    async def generate(self, request: GenerationInput) -> AsyncIterator[Event]:
+    async def generate(self, request: GenerationInput) -> AsyncGenerator[Event, None]:
         if request.model != self.model_id:
             raise NotFound(f"model {request.model!r} is not served here; try {self.model_id!r}")
         validate(request.sampling)
@@ -58,6 +68,8 @@ class EchoEngine:
         finish = "length" if limit is not None and limit < self._completion_tokens else "stop"
         sent = 0
         while sent < total:
+            if self._chunk_interval_s:
+                await asyncio.sleep(self._chunk_interval_s)
             step = min(self._chunk_tokens, total - sent)
             sent += step
             yield Event(ECHO_TOKEN * step, prompt, sent, finish if sent == total else None)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -79,7 +79,7 @@ class ChatEngine(Protocol):
 
     def token_text(self, token: int) -> str: ...
 
-    def generate(self, request: GenerationInput) -> AsyncIterator[Event]: ...
+    def generate(self, request: GenerationInput) -> AsyncGenerator[Event, None]: ...
 
     async def drain(self, timeout_s: float) -> bool: ...
 
@@ -137,7 +137,7 @@ class Engine:
             top_logprobs=s.top_logprobs,
         )
 
-    async def generate(self, request: GenerationInput) -> AsyncIterator[Event]:
+    async def generate(self, request: GenerationInput) -> AsyncGenerator[Event, None]:
         if request.model != self.model_id:
             raise NotFound(f"model {request.model!r} is not served here; try {self.model_id!r}")
         validate(request.sampling)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
 
 import grpc
+import structlog
 
 from mariana.common.v1.usage_pb2 import Usage
 from mariana.inference.v1 import inference_pb2 as pb
@@ -16,6 +18,7 @@ from services.inference.engine import ChatEngine, GenerationInput, Sampling
 from services.inference.sampling import TokenLogprob
 
 SERVICE_NAME = "mariana.inference.v1.InferenceService"
+log = structlog.get_logger()
 
 
 def generation_input(request: pb.GenerateRequest) -> GenerationInput:
@@ -61,18 +64,28 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> AsyncIterator[pb.GenerateResponse]:
         engine = self._engine(request.model)
-        async for event in engine.generate(generation_input(request)):
-            usage = Usage(
-                prompt_tokens=event.prompt_tokens,
-                completion_tokens=event.completion_tokens,
-                total_tokens=event.prompt_tokens + event.completion_tokens,
-            )
-            yield pb.GenerateResponse(
-                text=event.text,
-                finish_reason=event.finish_reason or "",
-                usage=usage,
-                logprobs=[logprob_to_proto(engine, lp) for lp in event.logprobs],
-            )
+        sent, finished = 0, False
+        try:
+            async with aclosing(engine.generate(generation_input(request))) as events:
+                async for event in events:
+                    usage = Usage(
+                        prompt_tokens=event.prompt_tokens,
+                        completion_tokens=event.completion_tokens,
+                        total_tokens=event.prompt_tokens + event.completion_tokens,
+                    )
+                    finished = event.finish_reason is not None
+                    yield pb.GenerateResponse(
+                        text=event.text,
+                        finish_reason=event.finish_reason or "",
+                        usage=usage,
+                        logprobs=[logprob_to_proto(engine, lp) for lp in event.logprobs],
+                    )
+                    sent = event.completion_tokens
+        finally:
+            if not finished:
+                # The caller went away (or the engine failed): what it was sent
+                # is what it can bill; the batch slot is freed at the next step.
+                log.info("generation stopped early", request_id=request.request_id, completion_tokens_sent=sent)
 
     async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
         if self._embedder is None:
@@ -107,6 +120,22 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 )
             )
         return pb.ListModelsResponse(models=models)
+
+    async def GetStats(self, request: pb.GetStatsRequest, context: Context) -> pb.GetStatsResponse:
+        engines = []
+        for model, engine in self._engines.items():
+            stats = engine.stats()
+            engines.append(
+                pb.EngineStats(
+                    model=model,
+                    running=stats.running,
+                    prefilling=stats.prefilling,
+                    waiting=stats.waiting,
+                    free_slots=stats.free_slots,
+                    kv_tokens_reserved=stats.kv_tokens_reserved,
+                )
+            )
+        return pb.GetStatsResponse(engines=engines)
 
 
 def register(engines: Mapping[str, ChatEngine], embedder: Embedder | None) -> Registrar:

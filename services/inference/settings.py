@@ -25,6 +25,7 @@ class InferenceSettings(ServiceSettings):
     )
     echo_completion_tokens: int = Field(16, gt=0, description="echo backend: completion tokens per answer.")
     echo_chunk_tokens: int = Field(4, gt=0, description="echo backend: tokens per streamed chunk.")
+    echo_chunk_interval_s: float = Field(0.0, ge=0, description="echo backend: pause before each chunk.")
     tp_size: int = Field(1, ge=1, description="Tensor-parallel degree for the deepspeed backend on GPUs.")
     default_max_tokens: int = Field(256, gt=0, description="max_tokens when a request names none.")
     max_batch: int = Field(32, gt=0, description="Sequences decoded together at most (batch slots).")

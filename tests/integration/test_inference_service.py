@@ -81,6 +81,8 @@ async def test_client_cancel_frees_the_slot(stub: pb_grpc.InferenceServiceStub, 
         assert time.monotonic() < deadline, engines["chat-a"].stats()
         await asyncio.sleep(0.02)
     assert engines["chat-a"].stats().free_slots == Limits().max_batch
+    stats = {e.model: e for e in (await stub.GetStats(pb.GetStatsRequest())).engines}
+    assert stats["chat-a"].free_slots == Limits().max_batch and stats["chat-a"].running == 0
 
 
 @pytest.mark.parametrize(
