@@ -33,7 +33,7 @@ async def main() -> None:
     configure_logging("auth", settings.log_level)
     db = Database(database_url(settings.database))
     store = KeyStore(db, load_pepper(settings.pepper_file))
-    client = redis_client(RedisSettings().redis_url, timeout_s=0.5)
+    client = redis_client(RedisSettings().redis_url, timeout_s=0.2)
     billing = mesh_channel(settings.billing_target, settings) if settings.billing_target else None
     authorizer = Authorizer(
         store,

@@ -15,6 +15,7 @@ import redis.asyncio as redis
 import structlog
 
 from mariana_common.errors import PermissionDenied, Unauthenticated, Unavailable
+from mariana_common.outage import OutageGate
 from services.auth.budgets import Budgets
 from services.auth.jwt_tokens import JwtVerifier, looks_like_jwt
 from services.auth.rate_limit import Decision, RateLimiter, limits_for
@@ -111,6 +112,7 @@ class Authorizer:
         # revoked on another replica lives on here.
         self._cache: dict[str, tuple[Identity, float]] = {}
         self.limiter_failures = 0
+        self._redis_gate = OutageGate(hold_s=1.0, clock=monotonic)
 
     def invalidate(self) -> None:
         """After a revoke or rotate on this replica: forget every cached decision."""
@@ -171,13 +173,19 @@ class Authorizer:
         if self._limiter is None or not limits:
             return Decision(True)
         try:
-            return await self._limiter.admit(limits)
+            if self._redis_gate.is_down():  # failed a moment ago: do not wait for another timeout
+                raise redis.ConnectionError("redis failed less than a second ago")
+            decision = await self._limiter.admit(limits)
+            self._redis_gate.succeeded()
+            return decision
         except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
             self.limiter_failures += 1
-            log.error("rate limiter unavailable", fail_open=self._fail_open, error=str(error))
+            if not self._redis_gate.is_down():
+                log.error("rate limiter unavailable", fail_open=self._fail_open, error=str(error))
+                self._redis_gate.failed()
             if self._fail_open:
                 return Decision(True)
-            raise Unavailable("rate limiting is unavailable; retry shortly") from error
+            raise Unavailable("rate limiting is unavailable; retry shortly", retry_after_s=1) from error
 
     async def authorize(self, authorization: str, path: str) -> Verdict:
         identity = await self.identify(bearer_token(authorization))

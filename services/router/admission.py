@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 from tokenizers import Tokenizer
 
 from mariana_common.errors import ResourceExhausted, Unavailable
+from mariana_common.outage import OutageGate
 from services.auth.rate_limit import token_buckets
 from services.billing.prices import PriceCatalog
 from services.billing.reservations import Reservations
@@ -72,6 +73,7 @@ class Admission:
         self._reservations = reservations
         self._fail_open = fail_open
         self.unreserved = 0  # requests admitted without a reservation (Redis away)
+        self._redis_gate = OutageGate(hold_s=1.0)
         self._prices = prices
         self._counter = counter
         self._lease_s = lease_s
@@ -99,6 +101,8 @@ class Admission:
         if caller.deadline is not None:
             lease_ms = int(max(1.0, caller.deadline - time.monotonic()) * 1000) + 60_000
         try:
+            if self._redis_gate.is_down():  # failed a moment ago: do not wait for another timeout
+                raise RedisError("redis failed less than a second ago")
             refusal = await self._reservations.reserve(
                 caller.request_id,
                 caller.tenant_id,
@@ -109,11 +113,14 @@ class Admission:
                 token_buckets(caller.key_id, caller.tenant_id),
             )
         except (RedisError, OSError) as error:
-            log.error("reservation unavailable", fail_open=self._fail_open, error=str(error))
+            if not self._redis_gate.is_down():
+                log.error("reservation unavailable", fail_open=self._fail_open, error=str(error))
+                self._redis_gate.failed()
             if not self._fail_open:
                 raise Unavailable("admission is unavailable; retry shortly", retry_after_s=1) from error
             self.unreserved += 1
             return False
+        self._redis_gate.succeeded()
         if refusal is None:
             return True
         if refusal.reason in ("tenant", "key"):

@@ -17,6 +17,7 @@ from typing import Any
 import redis.asyncio as redis
 import structlog
 
+from mariana_common.outage import OutageGate
 from services.router.catalog import CacheConfig
 from services.router.domain import GenerationRequest
 
@@ -75,6 +76,7 @@ class ResponseCache:
         self._config = config
         self._clock = clock
         self.counters = CacheCounters()
+        self._gate = OutageGate(hold_s=1.0)
 
     def key_for(self, tenant_id: str, model: str, request: GenerationRequest, n: int) -> str | None:
         config = self._config()
@@ -83,12 +85,17 @@ class ResponseCache:
         return cache_key(tenant_id, model, request, n)
 
     async def get(self, key: str) -> Lookup | None:
+        if self._gate.is_down():  # failed a moment ago: do not wait for another timeout
+            self.counters.errors += 1
+            return None
         try:
             raw = await self._redis.get(key)
         except (redis.RedisError, OSError) as error:
             self.counters.errors += 1
+            self._gate.failed()
             log.warning("cache unavailable; serving without it", error=str(error))
             return None
+        self._gate.succeeded()
         if raw is None:
             self.counters.misses += 1
             return None
@@ -108,6 +115,8 @@ class ResponseCache:
         self.counters.stale_hits += 1
 
     async def put(self, key: str, answer: CachedAnswer) -> None:
+        if self._gate.is_down():
+            return
         config = self._config()
         value = json.dumps(asdict(answer))
         if len(value) > config.max_entry_bytes:
@@ -126,4 +135,5 @@ class ResponseCache:
             self.counters.stores += 1
         except (redis.RedisError, OSError) as error:
             self.counters.errors += 1
+            self._gate.failed()
             log.warning("cache store failed", error=str(error))

@@ -183,10 +183,14 @@ class ModelRouter:
                             yield piece
                     return
                 except RETRYABLE as error:
+                    if not first:
+                        # A stream cut after it started is a replica going away
+                        # (Envoy's concern: it ejects the replica and sends new
+                        # calls to the others), not the pool failing: the
+                        # breaker does not count it.
+                        raise _PoolFailed(str(error), after_first=True) from error
                     settled = True
                     state.breaker.record_failure()
-                    if not first:
-                        raise _PoolFailed(str(error), after_first=True) from error
                     log.warning("pool call failed", pool=state.name, attempt=attempt, error=str(error))
                     if attempt == retry.retries or not state.breaker.allow():
                         raise _PoolFailed(str(error)) from error

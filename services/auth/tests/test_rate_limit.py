@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import redis.asyncio as redis
@@ -61,6 +62,9 @@ async def test_redis_down_fails_open_or_closed(tmp_path: object) -> None:
     open_ = Authorizer(store, None, limiter=dead, fail_open=True)
     assert (await open_.authorize(f"Bearer {key.secret}", "/v1/models")).rate.allowed
     assert open_.limiter_failures == 1
+    started = time.monotonic()  # Redis failed a moment ago: the next check does not wait for it again
+    assert (await open_.authorize(f"Bearer {key.secret}", "/v1/models")).rate.allowed
+    assert time.monotonic() - started < 0.1 and open_.limiter_failures == 2
     closed = Authorizer(store, None, limiter=dead, fail_open=False)
     with pytest.raises(Unavailable):
         await closed.authorize(f"Bearer {key.secret}", "/v1/models")
