@@ -87,6 +87,7 @@ class Platform:
         self.stack = stack
         self.edge = f"127.0.0.1:{stack.plan.edge_port}"
         self.admin = (("authorization", f"Bearer {master}"),)
+        self.last_error = ""
 
     def key(self, tenant: str, tpm: int = 0) -> tuple[str, str]:
         with grpc.insecure_channel(self.edge) as channel:
@@ -113,7 +114,8 @@ class Platform:
         while True:
             try:
                 entries = self.ledger(tenant_id)
-            except grpc.RpcError:
+            except grpc.RpcError as error:
+                self.last_error = f"GetUsage: {error.code().name}: {error.details()}"  # type: ignore[attr-defined]
                 entries = []
             if ids <= {e.request_id for e in entries} or time.monotonic() > deadline:
                 return entries
@@ -285,8 +287,19 @@ def outages(platform: Platform, table: Table) -> None:
     table.add("5 outages", "requests refused or failed", dict(failed) or 0)
     table.add("5 outages", "applied to the ledger", len(applied))
     table.add("5 outages", "lost (target 0)", len(lost))
+    if lost:  # say why, from what the platform itself reports
+        billing = stack.process("billing")
+        print(f"  billing exited: {billing.exited()}; last ledger query error: {platform.last_error}")
+        print("  billing log tail:\n" + billing.log_tail(15))
     table.add("5 outages", "doubled (target 0)", doubled)
     table.add("5 outages", "applied with other token counts (target 0)", len(wrong))
+    depths = [
+        json.loads(line).get("depth", 0)
+        for log in stack.logs.glob("router*.log")
+        for line in log.read_text(errors="replace").splitlines()
+        if "usage spooled to disk" in line
+    ]
+    table.add("5 outages", "router usage spool depth at most", max(depths, default=0))
 
 
 async def cancel_streams(edge: str, key: str, rng: random.Random) -> list[tuple[str, int]]:
@@ -366,14 +379,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-cancel-storm", action="store_true", help="skip scenario 3 (loads the real model)")
     parser.add_argument("--only", default="1,2,3,4,5", help="scenarios to run, e.g. 4,5")
+    parser.add_argument("--keep", type=Path, help="run in this folder and keep it (logs), instead of a temporary one")
     args = parser.parse_args()
     only = set(args.only.split(","))
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
     master = "sk-bench-" + secrets.token_urlsafe(12)
     table = Table()
     with tempfile.TemporaryDirectory() as scratch:
-        directory = Path(scratch)
+        directory = args.keep or Path(scratch)
         echo = directory / "echo"
-        echo.mkdir()
+        echo.mkdir(exist_ok=True)
         settings = LauncherSettings(
             data_dir=echo,
             edge_port=free_port(),
