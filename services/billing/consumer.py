@@ -105,8 +105,7 @@ class UsageConsumer:
         reservations end. Only new rows: a redelivered event changes nothing."""
         if self._reservations is None:
             return
-        for e in entries:
-            await self._reservations.apply(e.request_id, e.tenant_id, e.key_id, e.cost_micros)
+        await self._reservations.apply_many([(e.request_id, e.tenant_id, e.key_id, e.cost_micros) for e in entries])
 
     async def apply(self, messages: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
         """Records a batch, then acknowledges it; returns how many entries were new."""

@@ -203,6 +203,14 @@ class Reservations:
         keys = [tenant_scope(tenant_id), key_scope(tenant_id, key_id), reservation_key(request_id), LEASES]
         await self._apply(keys=keys, args=[cost_micros, request_id])
 
+    async def apply_many(self, entries: list[tuple[str, str, str, int]]) -> None:
+        """APPLY for each (request id, tenant, key, cost), in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for request_id, tenant_id, key_id, cost in entries:
+                keys = [tenant_scope(tenant_id), key_scope(tenant_id, key_id), reservation_key(request_id), LEASES]
+                await self._apply(keys=keys, args=[cost, request_id], client=pipe)
+            await pipe.execute()
+
     async def release_expired(self, limit: int = 500) -> list[str]:
         ids = await self._release(keys=[LEASES], args=[limit])
         return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
