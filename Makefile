@@ -25,14 +25,16 @@ $(STAMP): requirements.txt
 	$(PY) -c "import site, pathlib; pathlib.Path(site.getsitepackages()[0], 'mariana-dev.pth').write_text('$(CURDIR)\n$(CURDIR)/gen\n')"
 	touch $@
 
-# redis-server for the platform; PostgreSQL for the tests that run the stores on it.
+# redis-server for the platform; PostgreSQL for the tests that run the stores on it;
+# prometheus for promtool, which checks the alert rules and scrape config.
 system-packages:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	{ command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || missing="$$missing postgresql"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 		echo "[setup] installing$$missing with apt ..."; \
-		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $$missing; \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
 # Only for the load benchmarks under bench/: wrk drives HTTP/1.1, py-spy profiles.

@@ -18,7 +18,7 @@ from launcher.settings import REPO, LauncherSettings
 from mariana_common.tls import channel_credentials
 from mesh.envoy_config import write_bootstrap
 from mesh.pki import mint_mesh
-from mesh.plan import Plan, make_plan
+from mesh.plan import Plan, free_port, make_plan
 from mesh.topology import load_topology
 
 DESCRIPTOR_SET = REPO / "build" / "mariana.pb"
@@ -34,6 +34,8 @@ class Stack:
         self.logs = self.data_dir / "logs"
         self.plan: Plan | None = None
         self.processes: list[ManagedProcess] = []
+        # process name -> (job, metrics URL): every service's /metrics, and Envoy's stats
+        self.metrics: dict[str, tuple[str, str]] = {}
 
     # -- wiring -----------------------------------------------------------
 
@@ -156,7 +158,11 @@ class Stack:
                 for replica, port in enumerate(plan.service_ports[name]):
                     label = name if len(plan.service_ports[name]) == 1 else f"{name}-{replica}"
                     argv = [sys.executable, "-m", f"services.{program}"]
-                    started.append((self._spawn(label, argv, self._service_env(name, port)), port))
+                    env = self._service_env(name, port)
+                    metrics_port = free_port()
+                    env[f"MARIANA_{program.upper()}_METRICS_PORT"] = str(metrics_port)
+                    self.metrics[label] = (name, f"http://127.0.0.1:{metrics_port}/metrics")
+                    started.append((self._spawn(label, argv, env), port))
         for process, port in started:
             wait_until(grpc_serving(port, credentials), process.name, deadline, process)
 
@@ -177,7 +183,25 @@ class Stack:
             self._base_env(),
         )
         wait_until(envoy_clusters_healthy(plan.admin_port, list(plan.topology.services)), "envoy", deadline, envoy)
+        self.metrics["envoy"] = ("envoy", f"http://127.0.0.1:{plan.admin_port}/stats/prometheus")
+        self._write_scrape_targets()
         return plan
+
+    def _write_scrape_targets(self) -> None:
+        """`metrics.json` (name -> URL, for `python -m launcher.top`) and Prometheus
+        file_sd targets (for `observability/prometheus.yml`)."""
+        directory = self.data_dir / "observability"
+        directory.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "metrics.json").write_text(
+            json.dumps({name: url for name, (_, url) in self.metrics.items()}, indent=2)
+        )
+        targets = []
+        for name, (job, url) in self.metrics.items():
+            address, _, path = url.removeprefix("http://").partition("/")
+            targets.append(
+                {"targets": [address], "labels": {"job": job, "instance": name, "__metrics_path__": "/" + path}}
+            )
+        (directory / "targets.json").write_text(json.dumps(targets, indent=2))
 
     @staticmethod
     def envoy_binary() -> str:

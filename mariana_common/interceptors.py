@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias
@@ -16,6 +17,7 @@ from google.rpc.error_details_pb2 import ErrorInfo
 from google.rpc.status_pb2 import Status
 
 from mariana_common import errors
+from mariana_common.metrics import observe_call
 
 log = structlog.get_logger()
 
@@ -99,15 +101,37 @@ Unary = Callable[[Any, Context], Awaitable[Any]]
 Streaming = Callable[[Any, Context], AsyncIterator[Any]]
 
 
+def _code_of(exc: BaseException) -> str:
+    if isinstance(exc, errors.MarianaError):
+        return status_for(exc).name
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED.name
+    return grpc.StatusCode.INTERNAL.name
+
+
+def _aborted_code(context: Context) -> str:
+    """The code a handler aborted with itself."""
+    code = context.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
 def _wrap_unary(behaviour: Unary, method: str) -> Unary:
     async def wrapped(request: Any, context: Context) -> Any:
         structlog.contextvars.bind_contextvars(trace_id=trace_id_from(context.invocation_metadata()), rpc=method)
+        started, code = time.perf_counter(), "OK"
         try:
             return await behaviour(request, context)
-        except (grpc.aio.AbortError, asyncio.CancelledError):
+        except grpc.aio.AbortError:
+            code = _aborted_code(context)
+            raise
+        except asyncio.CancelledError:
+            code = "CANCELLED"
             raise
         except Exception as exc:  # noqa: BLE001 - turned into a status below
+            code = _code_of(exc)
             await _abort_for(exc, context)
+        finally:
+            observe_call(method, code, time.perf_counter() - started)
 
     return wrapped
 
@@ -115,13 +139,21 @@ def _wrap_unary(behaviour: Unary, method: str) -> Unary:
 def _wrap_streaming(behaviour: Streaming, method: str) -> Streaming:
     async def wrapped(request: Any, context: Context) -> AsyncIterator[Any]:
         structlog.contextvars.bind_contextvars(trace_id=trace_id_from(context.invocation_metadata()), rpc=method)
+        started, code = time.perf_counter(), "OK"
         try:
             async for item in behaviour(request, context):
                 yield item
-        except (grpc.aio.AbortError, asyncio.CancelledError):
+        except grpc.aio.AbortError:
+            code = _aborted_code(context)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
             raise
         except Exception as exc:  # noqa: BLE001 - turned into a status below
+            code = _code_of(exc)
             await _abort_for(exc, context)
+        finally:
+            observe_call(method, code, time.perf_counter() - started)
 
     return wrapped
 

@@ -17,6 +17,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from mariana_common.interceptors import Context, ErrorStatusInterceptor
+from mariana_common.metrics import serve_metrics
 from mariana_common.settings import ServiceSettings
 from mariana_common.tls import server_credentials
 
@@ -83,6 +84,7 @@ async def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await server.start()
+    serve_metrics(settings.metrics_port)
     if settings.port_file is not None:
         settings.port_file.write_text(str(server.port))
     log.info("serving", address=f"{settings.host}:{server.port}")

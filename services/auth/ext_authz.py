@@ -15,6 +15,7 @@ from http import HTTPStatus
 
 import grpc
 import structlog
+from prometheus_client import Counter
 
 from mariana.auth.v1.ext_authz_wire_pb2 import (
     ExtAuthzCheckRequest,
@@ -31,6 +32,15 @@ from mariana_common.server import Context, Registrar
 from services.auth.authorizer import Authorizer, QuotaExceeded, RateLimited, Verdict
 
 log = structlog.get_logger()
+
+CHECKS = Counter("mariana_auth_checks_total", "ext_authz decisions by result.", ["result"])
+DENIAL_RESULTS: dict[type[Exception], str] = {
+    Unauthenticated: "unauthenticated",
+    PermissionDenied: "permission_denied",
+    Unavailable: "unavailable",
+    RateLimited: "rate_limited",
+    QuotaExceeded: "quota_exceeded",
+}
 
 SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 TENANT_HEADER = "x-mariana-tenant"
@@ -142,8 +152,10 @@ class ExtAuthz:
             verdict = await self._authorizer.authorize(http.headers.get("authorization", ""), http.path)
         except (Unauthenticated, PermissionDenied, Unavailable, RateLimited, QuotaExceeded) as error:
             log.info("denied", path=http.path, reason=str(error), request_id=http.headers.get("x-request-id"))
+            CHECKS.labels(DENIAL_RESULTS[type(error)]).inc()
             grpc_client = http.headers.get("content-type", "").startswith("application/grpc")
             return deny(error, grpc_client)
+        CHECKS.labels("allowed").inc()
         return allow(verdict)
 
 

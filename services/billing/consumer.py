@@ -10,6 +10,7 @@ from typing import Any
 
 import redis.asyncio as redis
 import structlog
+from prometheus_client import Counter, Gauge
 
 from mariana_common.sql import IntegrityError
 from services.billing.events import decode
@@ -18,6 +19,10 @@ from services.billing.prices import PriceCatalog
 from services.billing.reservations import Reservations
 
 log = structlog.get_logger()
+
+APPLIED = Counter("mariana_billing_events_applied_total", "Usage events that became ledger entries.")
+DEAD_LETTERS = Counter("mariana_billing_dead_letters_total", "Usage events that could not be applied.")
+LAG = Gauge("mariana_billing_consumer_lag_events", "Usage events published but not yet applied (lag + pending).")
 
 DEAD_LETTER_SUFFIX = ":dead"
 
@@ -87,6 +92,7 @@ class UsageConsumer:
             self._stream + DEAD_LETTER_SUFFIX,
             {**fields, b"reason": reason.encode(), b"source_id": message_id},  # type: ignore[dict-item]
         )
+        DEAD_LETTERS.inc()
         log.warning("usage event dead-lettered", message_id=message_id.decode(), reason=reason)
 
     async def _record(self, batch: list[tuple[bytes, dict[bytes, bytes], Entry]]) -> list[Entry]:
@@ -131,6 +137,13 @@ class UsageConsumer:
             await self._reservations.set_spent(tenant_id, key_id, spent)
         for tenant_id, key_id, hard in await asyncio.to_thread(self._ledger.hard_limits):
             await self._reservations.set_hard_limit(tenant_id, key_id, hard)
+
+    async def measure_lag(self) -> None:
+        """Entries not yet read by the group plus those read and not acknowledged."""
+        groups: Any = await self._redis.xinfo_groups(self._stream)
+        for group in groups:
+            if group.get("name") in (self._group, self._group.encode()):
+                LAG.set(int(group.get("lag") or 0) + int(group.get("pending") or 0))
 
     async def reap(self) -> list[str]:
         """Releases reservations whose lease ended (their request died with its
@@ -189,14 +202,19 @@ class UsageConsumer:
         loop = asyncio.get_running_loop()
         next_reclaim = loop.time() + self._reclaim_idle_ms / 1000
         next_reap = loop.time() + self._reap_interval_s
+        next_lag = loop.time()
         while not stop.is_set():
             try:
                 messages = await self._read(">")
                 if messages:
                     applied = await self.apply(messages)
+                    APPLIED.inc(applied)
                     log.debug("usage applied", received=len(messages), new=applied)
                     if len(messages) < self._batch and self._linger_s:
                         await asyncio.sleep(self._linger_s)
+                if loop.time() >= next_lag:
+                    next_lag = loop.time() + 1.0
+                    await self.measure_lag()
                 if loop.time() >= next_reap:
                     next_reap = loop.time() + self._reap_interval_s
                     await self.reap()

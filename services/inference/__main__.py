@@ -14,6 +14,7 @@ from services.inference.echo import EchoEngine
 from services.inference.embedder import Embedder, packaged_minilm
 from services.inference.engine import ChatEngine, Engine, GenerationInput, Sampling
 from services.inference.loader import load_model
+from services.inference.metrics import register_engines
 from services.inference.scheduler import Limits
 from services.inference.servicer import SERVICE_NAME, register
 from services.inference.settings import InferenceSettings
@@ -49,6 +50,7 @@ async def main() -> None:
         engines[model_id] = Engine(model_id, loaded, settings.default_max_tokens, limits)
         await warm_up(engines[model_id])
         log.info("warmed up", model=model_id, backend=settings.backend)
+    register_engines(engines)
     embedder = None
     if settings.embedding_model_id:
         directory = settings.embedding_model_dir or packaged_minilm()

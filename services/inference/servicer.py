@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 
@@ -15,6 +16,7 @@ from mariana_common.errors import InvalidArgument, NotFound
 from mariana_common.server import Context, Registrar
 from services.inference.embedder import Embedder
 from services.inference.engine import ChatEngine, GenerationInput, Sampling
+from services.inference.metrics import TIME_TO_FIRST_TOKEN, TOKENS_GENERATED
 from services.inference.sampling import TokenLogprob
 
 SERVICE_NAME = "mariana.inference.v1.InferenceService"
@@ -64,7 +66,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> AsyncIterator[pb.GenerateResponse]:
         engine = self._engine(request.model)
-        sent, finished = 0, False
+        sent, finished, started = 0, False, time.perf_counter()
         try:
             async with aclosing(engine.generate(generation_input(request))) as events:
                 async for event in events:
@@ -74,6 +76,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                         total_tokens=event.prompt_tokens + event.completion_tokens,
                     )
                     finished = event.finish_reason is not None
+                    if not sent and event.completion_tokens:
+                        TIME_TO_FIRST_TOKEN.labels(request.model).observe(time.perf_counter() - started)
                     yield pb.GenerateResponse(
                         text=event.text,
                         finish_reason=event.finish_reason or "",
@@ -82,6 +86,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     )
                     sent = event.completion_tokens
         finally:
+            TOKENS_GENERATED.labels(request.model).inc(sent)
             if not finished:
                 # The caller went away (or the engine failed): what it was sent
                 # is what it can bill; the batch slot is freed at the next step.

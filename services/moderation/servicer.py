@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+from prometheus_client import Counter
 
 from mariana.moderation.v1 import moderation_pb2 as pb
 from mariana.moderation.v1 import moderation_pb2_grpc as pb_grpc
@@ -13,6 +14,9 @@ from mariana_common.server import Context, Registrar
 from services.moderation.moderator import Direction, Moderator, Verdict
 from services.moderation.policy import Action
 
+VERDICTS = Counter(
+    "mariana_moderation_verdicts_total", "Texts checked, by direction and action.", ["direction", "action"]
+)
 SERVICE_NAME = "mariana.moderation.v1.ModerationService"
 MAX_TEXTS = 256
 # Long batches run off the event loop so one cannot stall the others.
@@ -64,6 +68,8 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
             verdicts = self._moderator.check_all(texts, tenant, direction, contexts)
         else:
             verdicts = await asyncio.to_thread(self._moderator.check_all, texts, tenant, direction, contexts)
+        for verdict in verdicts:
+            VERDICTS.labels(direction, verdict.action.name.lower()).inc()
         return pb.CheckResponse(results=[verdict_to_proto(v, request.decision_only) for v in verdicts])
 
 

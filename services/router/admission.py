@@ -22,6 +22,7 @@ from services.auth.rate_limit import token_buckets
 from services.billing.prices import PriceCatalog
 from services.billing.reservations import Reservations
 from services.router.domain import Caller, GenerationRequest
+from services.router.metrics import RESERVATIONS
 
 log = structlog.get_logger()
 
@@ -119,10 +120,13 @@ class Admission:
             if not self._fail_open:
                 raise Unavailable("admission is unavailable; retry shortly", retry_after_s=1) from error
             self.unreserved += 1
+            RESERVATIONS.labels("unreserved").inc()
             return False
         self._redis_gate.succeeded()
         if refusal is None:
+            RESERVATIONS.labels("reserved").inc()
             return True
+        RESERVATIONS.labels("refused_budget" if refusal.reason in ("tenant", "key") else "refused_tokens").inc()
         if refusal.reason in ("tenant", "key"):
             whose = "tenant" if refusal.reason == "tenant" else "key"
             raise ResourceExhausted(

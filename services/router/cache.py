@@ -20,6 +20,7 @@ import structlog
 from mariana_common.outage import OutageGate
 from services.router.catalog import CacheConfig
 from services.router.domain import GenerationRequest
+from services.router.metrics import CACHE_LOOKUPS
 
 log = structlog.get_logger()
 
@@ -49,6 +50,10 @@ class CacheCounters:
     misses: int = 0
     stores: int = 0
     errors: int = 0
+
+    def count(self, result: str) -> None:
+        setattr(self, result, getattr(self, result) + 1)
+        CACHE_LOOKUPS.labels(result).inc()
 
 
 def cache_key(tenant_id: str, model: str, request: GenerationRequest, n: int) -> str | None:
@@ -86,33 +91,33 @@ class ResponseCache:
 
     async def get(self, key: str) -> Lookup | None:
         if self._gate.is_down():  # failed a moment ago: do not wait for another timeout
-            self.counters.errors += 1
+            self.counters.count("errors")
             return None
         try:
             raw = await self._redis.get(key)
         except (redis.RedisError, OSError) as error:
-            self.counters.errors += 1
+            self.counters.count("errors")
             self._gate.failed()
             log.warning("cache unavailable; serving without it", error=str(error))
             return None
         self._gate.succeeded()
         if raw is None:
-            self.counters.misses += 1
+            self.counters.count("misses")
             return None
         try:
             answer = CachedAnswer(**json.loads(raw))
         except (ValueError, TypeError):
-            self.counters.errors += 1
+            self.counters.count("errors")
             return None
         fresh = self._clock() - answer.stored_at < self._config().ttl_s
         if fresh:
-            self.counters.hits += 1
+            self.counters.count("hits")
         else:
-            self.counters.misses += 1  # kept only for when nothing can serve
+            self.counters.count("misses")  # kept only for when nothing can serve
         return Lookup(answer, fresh)
 
     def count_stale_hit(self) -> None:
-        self.counters.stale_hits += 1
+        self.counters.count("stale_hits")
 
     async def put(self, key: str, answer: CachedAnswer) -> None:
         if self._gate.is_down():
@@ -132,8 +137,8 @@ class ResponseCache:
                 evicted: Any = await self._redis.zpopmin(INDEX, count - config.max_entries)
                 if evicted:
                     await self._redis.delete(*[name for name, _ in evicted])
-            self.counters.stores += 1
+            self.counters.count("stores")
         except (redis.RedisError, OSError) as error:
-            self.counters.errors += 1
+            self.counters.count("errors")
             self._gate.failed()
             log.warning("cache store failed", error=str(error))

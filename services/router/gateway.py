@@ -26,6 +26,7 @@ from services.router.domain import (
     UsageRecord,
     UsageSink,
 )
+from services.router.metrics import TIME_TO_FIRST_TOKEN, TOKENS
 from services.router.output_guard import ContentFiltered, OutputGuard
 from services.router.routing import ModelRouter, NoPoolCanServe, Route
 
@@ -98,6 +99,8 @@ class Gateway:
         self, caller: Caller, model: str, prompt_tokens: int, completion: int, finish_reason: str, reserved: bool
     ) -> None:
         now = time.time()
+        TOKENS.labels(model, "prompt").inc(prompt_tokens)
+        TOKENS.labels(model, "completion").inc(completion)
         settle = None
         if reserved and self._admission is not None:
             settle = self._admission.actual_cost(model, prompt_tokens, completion, now)
@@ -204,11 +207,14 @@ class Gateway:
 
         text: list[str] = []
         undelivered = False  # not streamed, and no pool could finish it
+        started = time.perf_counter()
         try:
             async with aclosing(self._merged(caller, request, n, stream, route)) as merged:
                 async for piece in merged:
                     if piece.restarted:
                         text.clear()
+                    if not latest:
+                        TIME_TO_FIRST_TOKEN.observe(time.perf_counter() - started)
                     latest[piece.index] = piece
                     text.append(piece.text)
                     if piece.finish_reason is not None and piece.index == 0:

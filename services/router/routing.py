@@ -20,10 +20,12 @@ import structlog
 from mariana_common.errors import DeadlineExceeded, NotFound, ResourceExhausted, Unavailable
 from services.router.catalog import Catalog, PoolConfig
 from services.router.domain import GenerationRequest, Inference, Piece
+from services.router.metrics import BREAKER_STATE, ROUTE_STEPS
 from services.router.policies import PoolState, order_pools
 from services.router.resilience import BreakerState, Bulkhead, CircuitBreaker, Ewma, backoff_delays
 
 log = structlog.get_logger()
+BREAKER_LEVEL = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
 # Upstream errors worth another try (here or on another pool). Anything else
 # (a bad request) goes straight back to the client.
@@ -74,6 +76,11 @@ class ModelRouter:
 
     def _on_breaker(self, pool: str, state: BreakerState) -> None:
         self.breaker_changes[(pool, state.value)] += 1
+        BREAKER_STATE.labels(pool).set(BREAKER_LEVEL[state])
+
+    def _count(self, step: str) -> None:
+        self.steps[step] += 1
+        ROUTE_STEPS.labels(step).inc()
 
     def pool(self, name: str) -> PoolState:
         """The run-time state of a pool, following the catalog as it is edited."""
@@ -132,17 +139,17 @@ class ModelRouter:
                             if void:
                                 piece, void = replace(piece, restarted=True), False
                             yield piece
-                    self.steps[route.step] += 1
+                    self._count(route.step)
                     if step:
                         log.warning("served by a fallback model", model=model, pool=state.name, asked=public)
                     return
                 except _PoolFailed as failed:
                     failures.append(f"{state.name}: {failed}")
                     if failed.after_first and stream:
-                        self.steps["broken_stream"] += 1
+                        self._count("broken_stream")
                         raise StreamBroken(f"the model failed mid-stream ({failed})") from failed
                     void = void or failed.after_first
-        self.steps["unavailable"] += 1
+        self._count("unavailable")
         log.error("no pool can serve", model=public, failures=failures)
         raise NoPoolCanServe(f"no pool can serve {public!r} now; retry later", RETRY_AFTER_S)
 
@@ -151,11 +158,11 @@ class ModelRouter:
     ) -> AsyncGenerator[Piece, None]:
         """The pool's answer, with retries; _PoolFailed when it cannot give one."""
         if not state.breaker.allow():
-            self.steps["breaker_open"] += 1
+            self._count("breaker_open")
             raise _PoolFailed("circuit open")
         if not state.bulkhead.try_acquire():
             state.breaker.release_probe()
-            self.steps["bulkhead_full"] += 1
+            self._count("bulkhead_full")
             raise _PoolFailed("bulkhead full")
         settled = False  # the breaker has heard how this call went
         try:
@@ -198,7 +205,7 @@ class ModelRouter:
                     delay = delays[attempt]
                     if deadline is not None and self._clock() + delay >= deadline:
                         raise _PoolFailed(f"{error} (no time left to retry)") from error
-                    self.steps["retry"] += 1
+                    self._count("retry")
                     await self._sleep(delay)
         finally:
             state.bulkhead.release()

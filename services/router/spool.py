@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from services.router.domain import UsageRecord
+from services.router.metrics import SPOOL_DEPTH
 
 Item = UsageRecord | str  # a record to publish, or the request id of a reservation to release
 
@@ -34,6 +35,7 @@ class Spool:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self.depth = len(self.read())
+        SPOOL_DEPTH.set(self.depth)
 
     def append(self, items: list[Item]) -> None:
         with self.path.open("a", encoding="utf-8") as f:
@@ -41,6 +43,7 @@ class Spool:
             f.flush()
             os.fsync(f.fileno())
         self.depth += len(items)
+        SPOOL_DEPTH.set(self.depth)
 
     def read(self) -> list[Item]:
         """Everything spooled, oldest first; a torn last line (a crash while
@@ -60,3 +63,4 @@ class Spool:
             f.flush()
             os.fsync(f.fileno())
         self.depth = 0
+        SPOOL_DEPTH.set(0)
