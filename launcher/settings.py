@@ -30,6 +30,7 @@ class LauncherSettings(BaseSettings):
         REPO / "mesh" / "topology.yaml", description="The mesh's topology (services, replicas)."
     )
     router_catalog: Path | None = Field(None, description="The router's model catalog; default: the packaged one.")
+    otlp_endpoint: str = Field("", description="host:port of an OTLP/gRPC collector for traces; empty: off.")
     start_timeout_s: float = Field(180.0, gt=0, description="How long start-up may take before it is abandoned.")
 
     def resolved_model_dir(self) -> Path:

@@ -49,7 +49,7 @@ class Stack:
         pki = self.data_dir / "pki"
         shutil.rmtree(pki, ignore_errors=True)
         certs = mint_mesh(pki, topology.trust_domain, [*plan.identities(), OPERATOR])
-        return dataclasses.replace(plan, certs=certs)
+        return dataclasses.replace(plan, certs=certs, otlp_endpoint=self.settings.otlp_endpoint)
 
     def _base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MARIANA_")}
@@ -83,6 +83,7 @@ class Stack:
             prefix + "TLS_KEY": str(certs.key),
             prefix + "TLS_CA": str(certs.ca),
             prefix + "LOG_LEVEL": self.settings.log_level,
+            prefix + "OTLP_ENDPOINT": self.settings.otlp_endpoint,
         }
         data = self.data_dir
         extra: dict[str, dict[str, object]] = {

@@ -8,12 +8,23 @@ import sys
 
 import structlog
 
+from mariana_common.settings import ServiceSettings
+from mariana_common.tracing import add_trace_ids, setup_tracing
+
+
+def start_telemetry(service: str, settings: ServiceSettings) -> None:
+    """Logs and traces of a service; first thing in its main, before any
+    server or channel exists (the tracing instrumentation patches them)."""
+    configure_logging(service, settings.log_level)
+    setup_tracing(service, settings.otlp_endpoint)
+
 
 def configure_logging(service: str, level: str = "info") -> None:
     logging.basicConfig(format="%(message)s", stream=sys.stderr, level=level.upper())
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_trace_ids,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

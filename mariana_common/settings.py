@@ -24,6 +24,7 @@ class ServiceSettings(BaseSettings):
     shutdown_grace_s: float = Field(30.0, ge=0, description="Time in-flight calls get to finish on SIGTERM.")
     port_file: Path | None = Field(None, description="When set, the bound port is written here once serving.")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics on 127.0.0.1 here; 0 turns it off.")
+    otlp_endpoint: str = Field("", description="host:port of an OTLP/gRPC trace collector; empty: no tracing.")
 
 
 class RedisSettings(BaseSettings):

@@ -72,6 +72,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
     RouteMatch,
     VirtualHost,
 )
+from envoy_data_plane.envoy.config.trace.v3 import OpenTelemetryConfig, TracingHttp
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
 from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthz
 from envoy_data_plane.envoy.extensions.filters.http.grpc_json_transcoder.v3 import (
@@ -85,6 +86,7 @@ from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
     HttpConnectionManagerCodecType,
+    HttpConnectionManagerTracing,
     HttpFilter,
 )
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
@@ -392,6 +394,7 @@ def edge_listener(plan: Plan, auth: bool = True) -> Listener:
         stat_prefix="edge",
         codec_type=HttpConnectionManagerCodecType.AUTO,
         use_remote_address=True,
+        tracing=_tracing(plan, "edge"),
         route_config=RouteConfiguration(
             name="edge", virtual_hosts=[VirtualHost(name="edge", domains=["*"], routes=routes)]
         ),
@@ -436,6 +439,7 @@ def mesh_listener(plan: Plan, name: str, service: Service) -> Listener:
     manager = HttpConnectionManager(
         stat_prefix=f"mesh_{name}",
         codec_type=HttpConnectionManagerCodecType.HTTP2,
+        tracing=_tracing(plan, f"mesh-{name}"),
         route_config=RouteConfiguration(
             name=f"mesh_{name}",
             virtual_hosts=[
@@ -463,6 +467,38 @@ def mesh_listener(plan: Plan, name: str, service: Service) -> Listener:
     )
 
 
+COLLECTOR = "opentelemetry_collector"
+
+
+def _tracing(plan: Plan, name: str) -> HttpConnectionManagerTracing | None:
+    """Envoy's own spans (the edge, ext_authz, each mesh hop), continuing the
+    client's `traceparent` and passing it upstream, exported over OTLP."""
+    if not plan.otlp_endpoint:
+        return None
+    config = OpenTelemetryConfig(
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=COLLECTOR)), service_name=f"envoy-{name}"
+    )
+    provider = TracingHttp(name="envoy.tracers.opentelemetry", typed_config=Any.pack(config))
+    return HttpConnectionManagerTracing(provider=provider, spawn_upstream_span=True)
+
+
+def collector_cluster(plan: Plan) -> Cluster:
+    host, _, port = plan.otlp_endpoint.rpartition(":")
+    protocol = HttpProtocolOptions(
+        explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
+    )
+    endpoint = LbEndpoint(endpoint=Endpoint(address=_address(int(port), host)))
+    return Cluster(
+        name=COLLECTOR,
+        type=ClusterDiscoveryType.STATIC,
+        connect_timeout=timedelta(seconds=1),
+        load_assignment=ClusterLoadAssignment(
+            cluster_name=COLLECTOR, endpoints=[LocalityLbEndpoints(lb_endpoints=[endpoint])]
+        ),
+        typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(protocol)},
+    )
+
+
 def render_bootstrap(plan: Plan, edge_auth: bool = True) -> Bootstrap:
     """`edge_auth=False` drops ext_authz (and asserts an anonymous identity):
     for measuring what auth costs, never for serving."""
@@ -470,11 +506,12 @@ def render_bootstrap(plan: Plan, edge_auth: bool = True) -> Bootstrap:
     listeners = [edge_listener(plan, edge_auth)] + [
         mesh_listener(plan, name, s) for name, s in services.items() if name in plan.mesh_ports
     ]
+    clusters = [cluster(plan, name, s) for name, s in services.items()]
+    if plan.otlp_endpoint:
+        clusters.append(collector_cluster(plan))
     return Bootstrap(
         admin=Admin(address=_address(plan.admin_port)),
-        static_resources=BootstrapStaticResources(
-            listeners=listeners, clusters=[cluster(plan, name, s) for name, s in services.items()]
-        ),
+        static_resources=BootstrapStaticResources(listeners=listeners, clusters=clusters),
     )
 
 

@@ -59,6 +59,8 @@ class Plan:
     mesh_ports: dict[str, int]
     descriptor_set: Path
     certs: dict[str, CertFiles] = field(default_factory=dict)
+    # host:port of an OTLP/gRPC trace collector; empty: Envoy does not trace.
+    otlp_endpoint: str = ""
 
     def identities(self) -> list[str]:
         return [ENVOY_IDENTITY, *self.topology.services]

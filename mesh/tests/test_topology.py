@@ -46,9 +46,10 @@ def test_any_ports_are_all_distinct() -> None:
     assert len(ports) == len(set(ports))
 
 
-@pytest.fixture
-def rendered(tmp_path: Path, pki: dict[str, CertFiles]) -> Path:
-    plan = replace(make_plan(load_topology(), DESCRIPTOR_SET, any_ports=True), certs=pki)
+@pytest.fixture(params=["", "127.0.0.1:4317"], ids=["no tracing", "tracing"])
+def rendered(request: pytest.FixtureRequest, tmp_path: Path, pki: dict[str, CertFiles]) -> Path:
+    plan = make_plan(load_topology(), DESCRIPTOR_SET, any_ports=True)
+    plan = replace(plan, certs=pki, otlp_endpoint=request.param)
     return write_bootstrap(plan, tmp_path / "envoy.json")
 
 
@@ -60,6 +61,11 @@ def test_rendered_config_passes_envoy_validation(rendered: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "OK" in result.stdout + result.stderr
+    config = json.loads(rendered.read_text())
+    listeners = config["staticResources"]["listeners"]
+    traced = ["tracing" in x["filterChains"][0]["filters"][0]["typedConfig"] for x in listeners]
+    clusters = {c["name"] for c in config["staticResources"]["clusters"]}
+    assert all(traced) == ("opentelemetry_collector" in clusters) and (any(traced) == all(traced))
 
 
 def test_rendered_policy_comes_from_the_topology(rendered: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import grpc
 
 from mariana_common.channels import mesh_channel
-from mariana_common.logs import configure_logging
+from mariana_common.logs import start_telemetry
 from mariana_common.redis_client import redis_client
 from mariana_common.server import create_server, run, serve
 from mariana_common.settings import RedisSettings
@@ -30,7 +30,7 @@ def load_pepper(path: Path) -> bytes:
 
 async def main() -> None:
     settings = AuthSettings()  # type: ignore[call-arg]
-    configure_logging("auth", settings.log_level)
+    start_telemetry("auth", settings)
     db = Database(database_url(settings.database))
     store = KeyStore(db, load_pepper(settings.pepper_file))
     client = redis_client(RedisSettings().redis_url, timeout_s=0.2)

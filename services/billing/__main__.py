@@ -4,7 +4,7 @@ server run side by side; SIGTERM stops both."""
 import asyncio
 import contextlib
 
-from mariana_common.logs import configure_logging
+from mariana_common.logs import start_telemetry
 from mariana_common.redis_client import redis_client
 from mariana_common.server import create_server, run, serve
 from mariana_common.sql import Database, database_url
@@ -20,7 +20,7 @@ from services.billing.settings import BillingSettings
 async def main() -> None:
     settings = BillingSettings()  # type: ignore[call-arg]
     stream = UsageStreamSettings()
-    configure_logging("billing", settings.log_level)
+    start_telemetry("billing", settings)
     ledger = Ledger(Database(database_url(settings.database)))
     client = redis_client(stream.redis_url, timeout_s=5.0)
     reservations = Reservations(client)

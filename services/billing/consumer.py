@@ -10,15 +10,18 @@ from typing import Any
 
 import redis.asyncio as redis
 import structlog
+from opentelemetry import trace
 from prometheus_client import Counter, Gauge
 
 from mariana_common.sql import IntegrityError
+from mariana_common.tracing import links_to, tracing_enabled
 from services.billing.events import decode
 from services.billing.ledger import Entry, Ledger
 from services.billing.prices import PriceCatalog
 from services.billing.reservations import Reservations
 
 log = structlog.get_logger()
+TRACER = trace.get_tracer("mariana.billing")
 
 APPLIED = Counter("mariana_billing_events_applied_total", "Usage events that became ledger entries.")
 DEAD_LETTERS = Counter("mariana_billing_dead_letters_total", "Usage events that could not be applied.")
@@ -114,18 +117,24 @@ class UsageConsumer:
         await self._reservations.apply_many([(e.request_id, e.tenant_id, e.key_id, e.cost_micros) for e in entries])
 
     async def apply(self, messages: list[tuple[bytes, dict[bytes, bytes]]]) -> int:
-        """Records a batch, then acknowledges it; returns how many entries were new."""
+        """Records a batch, then acknowledges it; returns how many entries were new.
+        Traced as one span linked to each event's request span (the stream
+        breaks the parent chain; links keep the trace whole)."""
         decoded = []
         for message_id, fields in messages:
             try:
                 decoded.append((message_id, fields, to_entry(fields, self._prices)))
             except ValueError as exc:
                 await self._dead_letter(message_id, fields, str(exc))
-        new = await self._record(decoded) if decoded else []
-        if new:
-            await self._admit_spend(new)
-            await self._alert({(e.tenant_id, s) for _, _, e in decoded for s in ("", e.key_id)})
-        await self._redis.xack(self._stream, self._group, *[message_id for message_id, _ in messages])
+        links = links_to([decode(fields).traceparent for _, fields, _ in decoded]) if tracing_enabled() else []
+        with TRACER.start_as_current_span("billing.apply_usage", links=links) as span:
+            new = await self._record(decoded) if decoded else []
+            span.set_attribute("mariana.events", len(messages))
+            span.set_attribute("mariana.new_entries", len(new))
+            if new:
+                await self._admit_spend(new)
+                await self._alert({(e.tenant_id, s) for _, _, e in decoded for s in ("", e.key_id)})
+            await self._redis.xack(self._stream, self._group, *[message_id for message_id, _ in messages])
         return len(new)
 
     async def sync_admission_state(self) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import structlog
 import torch
 
-from mariana_common.logs import configure_logging
+from mariana_common.logs import start_telemetry
 from mariana_common.server import create_server, run, serve
 from services.inference.echo import EchoEngine
 from services.inference.embedder import Embedder, packaged_minilm
@@ -30,7 +30,7 @@ async def warm_up(engine: ChatEngine) -> None:
 
 async def main() -> None:
     settings = InferenceSettings()  # type: ignore[call-arg]
-    configure_logging("inference", settings.log_level)
+    start_telemetry("inference", settings)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     limits = Limits(settings.max_batch, settings.max_waiting, settings.kv_budget_tokens, settings.prefill_chunk)

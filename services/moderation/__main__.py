@@ -1,6 +1,6 @@
 """Moderation service entry point: settings -> dependencies -> serve."""
 
-from mariana_common.logs import configure_logging
+from mariana_common.logs import start_telemetry
 from mariana_common.server import create_server, run, serve
 from services.moderation.moderator import Moderator
 from services.moderation.policy import reloading_policy
@@ -11,7 +11,7 @@ from services.moderation.toxicity import ToxicityModel
 
 async def main() -> None:
     settings = ModerationSettings()  # type: ignore[call-arg]
-    configure_logging("moderation", settings.log_level)
+    start_telemetry("moderation", settings)
     moderator = Moderator(
         ToxicityModel.load(settings.toxicity_model), reloading_policy(settings.policy_file), settings.blocklist
     )

@@ -2,7 +2,7 @@
 -> model router -> gateway -> serve."""
 
 from mariana_common.channels import mesh_channel
-from mariana_common.logs import configure_logging
+from mariana_common.logs import start_telemetry
 from mariana_common.redis_client import redis_client
 from mariana_common.server import create_server, run, serve
 from services.billing.events import UsageStreamSettings
@@ -25,7 +25,7 @@ from services.router.usage import RedisUsagePublisher
 async def main() -> None:
     settings = RouterSettings()  # type: ignore[call-arg]
     stream = UsageStreamSettings()
-    configure_logging("router", settings.log_level)
+    start_telemetry("router", settings)
     catalog = reloading_catalog(settings.catalog_file)
     channels = {name: mesh_channel(target, settings) for name, target in settings.upstreams.items()}
     upstreams = {name: GrpcInference(channel, settings.inference_timeout_s) for name, channel in channels.items()}

@@ -104,6 +104,8 @@ class UsageRecord:
     completed_at: float
     # The real cost its reservation settles to (None: nothing was reserved).
     settle_micros: int | None = None
+    # The request's span (W3C traceparent), for billing's span to link to.
+    traceparent: str = ""
 
 
 class Inference(Protocol):

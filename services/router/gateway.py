@@ -13,6 +13,7 @@ from contextlib import aclosing
 from dataclasses import replace
 
 from mariana_common.errors import InvalidArgument
+from mariana_common.tracing import current_traceparent
 from services.router.admission import Admission
 from services.router.cache import CachedAnswer, Lookup, ResponseCache
 from services.router.domain import (
@@ -115,6 +116,7 @@ class Gateway:
                 finish_reason=finish_reason,
                 completed_at=now,
                 settle_micros=settle,
+                traceparent=current_traceparent(),
             )
         )
 

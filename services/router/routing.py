@@ -50,6 +50,8 @@ class Route:
     pool: str = ""
     step: str = ""
     attempts: int = 0
+    # The pool's breaker when it was chosen: closed, half_open (a probe).
+    breaker: str = ""
 
 
 PoolFactory = Callable[[str, PoolConfig], Inference]
@@ -132,6 +134,7 @@ class ModelRouter:
             states = [self.pool(name) for name in entry.pools]
             for state in order_pools(entry.policy, states, needed_context, self._rng):
                 route.model, route.pool, route.step = model, state.name, "primary" if step == 0 else "fallback"
+                route.breaker = state.breaker.state.value
                 outcome = self._try_pool(state, replace(request, model=state.config.model), request_id, route, deadline)
                 try:
                     async with aclosing(outcome):

@@ -17,6 +17,7 @@ from mariana.llm.v1 import llm_pb2 as pb
 from mariana.llm.v1 import llm_pb2_grpc as pb_grpc
 from mariana_common.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from mariana_common.server import Context, Registrar
+from mariana_common.tracing import annotate
 from services.router.domain import Caller, GenerationRequest, Piece, Sampling
 from services.router.gateway import Gateway
 from services.router.openai_convert import embedding_value, message_text, string_list
@@ -37,6 +38,23 @@ def caller_of(context: Context) -> Caller:
     remaining = context.time_remaining()
     deadline = None if remaining is None else time.monotonic() + remaining
     return Caller(tenant, key_id, headers.get("x-request-id") or uuid.uuid4().hex, models, deadline)
+
+
+def annotate_span(caller: Caller, route: Route, usage: Usage | None) -> None:
+    """What an operator needs on the router's span: tenant (never the key),
+    model, the step of the chain, the pool and its breaker, tokens."""
+    attributes: dict[str, str | int | bool] = {
+        "mariana.tenant": caller.tenant_id,
+        "mariana.model": route.model,
+        "mariana.route": route.step,
+        "mariana.pool": route.pool,
+        "mariana.breaker": route.breaker,
+        "mariana.cache_hit": route.step in ("cache", "stale_cache"),
+    }
+    if usage is not None:
+        attributes["mariana.prompt_tokens"] = usage.prompt_tokens
+        attributes["mariana.completion_tokens"] = usage.completion_tokens
+    annotate(attributes)
 
 
 def route_headers(route: Route) -> tuple[tuple[str, str], ...]:
@@ -146,6 +164,7 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
                     pieces[piece.index].clear()
                 pieces[piece.index].append(piece)
         await context.send_initial_metadata(route_headers(route))
+        annotate_span(caller, route, total_usage(pieces))
         choices = []
         for index, parts in pieces.items():
             choice = pb.ChatChoice(
@@ -186,7 +205,8 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
 
         route = Route()
         async with aclosing(self._gateway.generate(caller, generation, n, route=route)) as pieces:
-            async with aclosing(self._stream_chunks(pieces, context, route, n, include_usage, chunk)) as chunks:
+            chunks_of = self._stream_chunks(pieces, context, caller, route, n, include_usage, chunk)
+            async with aclosing(chunks_of) as chunks:
                 async for out in chunks:
                     yield out
 
@@ -194,6 +214,7 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
         self,
         pieces: AsyncGenerator[Piece, None],
         context: Context,
+        caller: Caller,
         route: Route,
         n: int,
         include_usage: bool,
@@ -226,6 +247,7 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
                 return
             if piece is None:
                 break
+        annotate_span(caller, route, total_usage(latest))
         if include_usage:
             yield chunk([], total_usage(latest))
 
@@ -250,6 +272,7 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
                     pieces[piece.index].clear()
                 pieces[piece.index].append(piece)
         await context.send_initial_metadata(route_headers(route))
+        annotate_span(caller, route, total_usage(pieces))
         echo = prompts[0] if request.echo else ""
         return pb.Completion(
             id=f"cmpl-{caller.request_id}",

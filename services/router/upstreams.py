@@ -83,18 +83,28 @@ class GrpcInference:
             generate_request(request, request_id), timeout=timeout, metadata=_metadata(request_id)
         )
         try:
+            last: Piece | None = None
             async for reply in call:
                 logprobs = tuple(
                     TokenLogprob(lp.token, lp.logprob, tuple((t.token, t.logprob) for t in lp.top_logprobs))
                     for lp in reply.logprobs
                 )
-                yield Piece(
+                piece = Piece(
                     reply.text,
                     reply.finish_reason or None,
                     reply.usage.prompt_tokens,
                     reply.usage.completion_tokens,
                     logprobs,
                 )
+                if piece.finish_reason is None:
+                    yield piece
+                else:
+                    last = piece
+            # The last piece is handed on once the call has ended (its status
+            # read): callers stop at the last piece, and a call left open would
+            # end as cancelled, with its client span never finished.
+            if last is not None:
+                yield last
         except grpc.aio.AioRpcError as error:
             raise error_from_rpc(error) from error
         finally:

@@ -30,6 +30,7 @@ def to_event(r: UsageRecord) -> UsageEvent:
         completion_tokens=r.completion_tokens,
         finish_reason=r.finish_reason,
         completed_at=r.completed_at,
+        traceparent=r.traceparent,
     )
 
 

@@ -141,7 +141,7 @@ async def test_a_repeated_deterministic_request_is_served_from_cache_for_its_ten
     inference = Switchable(["Hel", "lo"])
     gateway = cached_gateway(client, inference)
     alice, bob = Caller("alice", "k1", "r1"), Caller("bob", "k2", "r2")
-    assert await run(gateway, alice, request()) == ("Hello", Route("m", "p", "primary", 1))
+    assert await run(gateway, alice, request()) == ("Hello", Route("m", "p", "primary", 1, "closed"))
     text, route = await run(gateway, alice, request())
     assert (text, route.step) == ("Hello", "cache")
     assert len(inference.requests) == 1
