@@ -32,6 +32,8 @@ def main() -> int:
         f"  edge (REST + gRPC): http://{edge}/v1   (OpenAI base_url; gRPC stubs use {edge})\n"
         f"  Envoy admin:        http://127.0.0.1:{plan.admin_port}/\n"
         f"  logs:               {stack.logs}/\n"
+        f"  metrics:            .venv/bin/python -m launcher.top   (live summary; Prometheus targets in "
+        f"{stack.data_dir}/observability/targets.json)\n"
         f"  get an API key:     MARIANA_MASTER_KEY=<admin key> {cli}",
         flush=True,
     )
