@@ -11,7 +11,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import redis.asyncio as redis
@@ -34,7 +34,7 @@ class CachedAnswer:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
-    stored_at: float
+    stored_at: float = 0.0  # set by ResponseCache.put
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,10 @@ class ResponseCache:
         self.counters.count("stale_hits")
 
     async def put(self, key: str, answer: CachedAnswer) -> None:
+        """Stores `answer`, stamped with this cache's clock."""
         if self._gate.is_down():
             return
+        answer = replace(answer, stored_at=self._clock())
         config = self._config()
         value = json.dumps(asdict(answer))
         if len(value) > config.max_entry_bytes:

@@ -242,7 +242,7 @@ class Gateway:
                 self._usage.release(caller.request_id)
         last = latest.get(0)
         if key is not None and self._cache is not None and last is not None and first_finish in CACHEABLE_FINISH:
-            answer = CachedAnswer("".join(text), first_finish, last.prompt_tokens, last.completion_tokens, time.time())
+            answer = CachedAnswer("".join(text), first_finish, last.prompt_tokens, last.completion_tokens)
             await self._cache.put(key, answer)
 
     async def _merged(

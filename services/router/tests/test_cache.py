@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import pytest
 import redis.asyncio as aioredis
@@ -115,6 +116,7 @@ def cached_gateway(
     ttl_s: float = 60,
     moderation: RuleModeration | None = None,
     cache_type: type[ResponseCache] = ResponseCache,
+    clock: Callable[[], float] = time.time,
 ) -> Gateway:
     catalog = Catalog.model_validate(
         {
@@ -125,7 +127,7 @@ def cached_gateway(
         }
     )
     router = ModelRouter(lambda: catalog, lambda name, config: inference)
-    cache = cache_type(client, lambda: catalog.cache)
+    cache = cache_type(client, lambda: catalog.cache, clock)
     return Gateway(router, inference, moderation or RuleModeration(), RecordingSink(), 0, cache)
 
 
@@ -151,10 +153,11 @@ async def test_a_repeated_deterministic_request_is_served_from_cache_for_its_ten
 
 async def test_when_nothing_can_serve_a_stale_answer_is_served_and_marked(client: aioredis.Redis) -> None:
     inference = Switchable(["Hel", "lo"])
-    gateway = cached_gateway(client, inference, ttl_s=0.05)
+    now = [1000.0]
+    gateway = cached_gateway(client, inference, ttl_s=60, clock=lambda: now[0])
     caller = Caller("alice", "k1", "r1")
     await run(gateway, caller, request())
-    await asyncio.sleep(0.1)
+    now[0] += 61  # past the TTL, within the stale window
     inference.down = True
     text, route = await run(gateway, caller, request())
     assert (text, route.step) == ("Hello", "stale_cache")
