@@ -132,6 +132,7 @@ class RedisUsagePublisher:
             batch.append(self._queue.get_nowait())
         if batch:
             self._spool.append(batch)
+            log.warning("usage spooled to disk", depth=self._spool.depth)
             for _ in batch:
                 self._queue.task_done()
 
