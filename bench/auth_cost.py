@@ -26,13 +26,11 @@ from envoy_data_plane.envoy.service.auth.v3 import (
 )
 from pydantic import SecretStr
 
-from launcher.settings import REPO, LauncherSettings
+from bench.common import MODEL_DIR, issue_key
+from launcher.settings import LauncherSettings
 from launcher.stack import OPERATOR, Stack
-from mariana.auth.v1 import auth_pb2, auth_pb2_grpc
 from mariana_common.tls import channel_credentials
 from mesh.plan import free_port
-
-MODEL_DIR = REPO / ".data" / "models" / "smollm2-135m-instruct"
 
 
 def summary(samples: list[float]) -> str:
@@ -50,16 +48,6 @@ def settings(data: Path, master: str, edge_auth: bool) -> LauncherSettings:
         model_dir=MODEL_DIR,
         edge_auth=edge_auth,
     )
-
-
-def issue_key(edge: str, master: str) -> str:
-    with grpc.insecure_channel(edge) as channel:
-        reply = auth_pb2_grpc.AuthAdminServiceStub(channel).CreateKey(
-            auth_pb2.CreateKeyRequest(tenant="bench", rpm=1_000_000),
-            metadata=(("authorization", f"Bearer {master}"),),
-            timeout=10,
-        )
-    return str(reply.secret)
 
 
 def edge_latency(edge: str, key: str, requests: int) -> list[float]:

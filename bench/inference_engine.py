@@ -16,16 +16,15 @@ import statistics
 import threading
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.common import MODEL_DIR
 from services.inference.engine import Engine, GenerationInput, Sampling
 from services.inference.loader import load_model
 from services.inference.scheduler import Limits
 
-MODEL_DIR = Path(__file__).parents[1] / ".data" / "models" / "smollm2-135m-instruct"
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
     "Explain how photosynthesis works.",
