@@ -156,6 +156,16 @@ def reservation_key(request_id: str) -> str:
     return f"mariana:resv:{request_id}"
 
 
+def scope_of(tenant_id: str, key_id: str) -> str:
+    """The key's scope, or the tenant's when `key_id` is empty."""
+    return key_scope(tenant_id, key_id) if key_id else tenant_scope(tenant_id)
+
+
+def _request_keys(request_id: str, tenant_id: str, key_id: str) -> list[str]:
+    """KEYS of RESERVE and APPLY: both scopes, the reservation, the leases."""
+    return [tenant_scope(tenant_id), key_scope(tenant_id, key_id), reservation_key(request_id), LEASES]
+
+
 @dataclass(frozen=True)
 class Refusal:
     """Why a reservation was refused: "tenant" or "key" (hard budget),
@@ -183,8 +193,8 @@ class Reservations:
         lease_ms: int,
         token_buckets: list[str],
     ) -> Refusal | None:
-        keys = [tenant_scope(tenant_id), key_scope(tenant_id, key_id), reservation_key(request_id), LEASES]
-        reply = await self._reserve(keys=[*keys, *token_buckets], args=[amount_micros, tokens, lease_ms, request_id])
+        keys = [*_request_keys(request_id, tenant_id, key_id), *token_buckets]
+        reply = await self._reserve(keys=keys, args=[amount_micros, tokens, lease_ms, request_id])
         ok, wait_ms, reason = int(reply[0]), int(reply[1]), reply[2]
         return None if ok else Refusal(reason.decode() if isinstance(reason, bytes) else str(reason), wait_ms)
 
@@ -200,14 +210,13 @@ class Reservations:
         return bool(await self._settle(keys=[reservation_key(request_id)], args=[actual_micros, tokens]))
 
     async def apply(self, request_id: str, tenant_id: str, key_id: str, cost_micros: int) -> None:
-        keys = [tenant_scope(tenant_id), key_scope(tenant_id, key_id), reservation_key(request_id), LEASES]
-        await self._apply(keys=keys, args=[cost_micros, request_id])
+        await self.apply_many([(request_id, tenant_id, key_id, cost_micros)])
 
     async def apply_many(self, entries: list[tuple[str, str, str, int]]) -> None:
         """APPLY for each (request id, tenant, key, cost), in one round trip."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for request_id, tenant_id, key_id, cost in entries:
-                keys = [tenant_scope(tenant_id), key_scope(tenant_id, key_id), reservation_key(request_id), LEASES]
+                keys = _request_keys(request_id, tenant_id, key_id)
                 await self._apply(keys=keys, args=[cost, request_id], client=pipe)
             await pipe.execute()
 
@@ -216,14 +225,11 @@ class Reservations:
         return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
     async def set_hard_limit(self, tenant_id: str, key_id: str, hard_micros: int) -> None:
-        scope = key_scope(tenant_id, key_id) if key_id else tenant_scope(tenant_id)
-        await self._redis.hset(scope, "hard", hard_micros)
+        await self._redis.hset(scope_of(tenant_id, key_id), "hard", hard_micros)
 
     async def set_spent(self, tenant_id: str, key_id: str, spent_micros: int) -> None:
-        scope = key_scope(tenant_id, key_id) if key_id else tenant_scope(tenant_id)
-        await self._redis.hset(scope, "spent", spent_micros)
+        await self._redis.hset(scope_of(tenant_id, key_id), "spent", spent_micros)
 
     async def scope(self, tenant_id: str, key_id: str = "") -> dict[str, int]:
-        scope = key_scope(tenant_id, key_id) if key_id else tenant_scope(tenant_id)
-        raw: Any = await self._redis.hgetall(scope)
+        raw: Any = await self._redis.hgetall(scope_of(tenant_id, key_id))
         return {k.decode(): int(float(v)) for k, v in raw.items()}

@@ -73,7 +73,6 @@ class Admission:
     ) -> None:
         self._reservations = reservations
         self._fail_open = fail_open
-        self.unreserved = 0  # requests admitted without a reservation (Redis away)
         self._redis_gate = OutageGate(hold_s=1.0)
         self._prices = prices
         self._counter = counter
@@ -119,7 +118,6 @@ class Admission:
                 self._redis_gate.failed()
             if not self._fail_open:
                 raise Unavailable("admission is unavailable; retry shortly", retry_after_s=1) from error
-            self.unreserved += 1
             RESERVATIONS.labels("unreserved").inc()
             return False
         self._redis_gate.succeeded()

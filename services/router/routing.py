@@ -74,10 +74,8 @@ class ModelRouter:
         self._pools: dict[str, PoolState] = {}
         self._clients: dict[tuple[str, PoolConfig], Inference] = {}
         self.steps: Counter[str] = Counter()
-        self.breaker_changes: Counter[tuple[str, str]] = Counter()
 
     def _on_breaker(self, pool: str, state: BreakerState) -> None:
-        self.breaker_changes[(pool, state.value)] += 1
         BREAKER_STATE.labels(pool).set(BREAKER_LEVEL[state])
 
     def _count(self, step: str) -> None:

@@ -156,15 +156,7 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
             raise InvalidArgument("stream=true is served by StreamChatCompletion")
         generation, n = chat_request(request), choices_of(request)
         may_use(caller, generation.model)
-        pieces: dict[int, list[Piece]] = {i: [] for i in range(n)}
-        route = Route()
-        async with aclosing(self._gateway.generate(caller, generation, n, stream=False, route=route)) as stream:
-            async for piece in stream:
-                if piece.restarted:
-                    pieces[piece.index].clear()
-                pieces[piece.index].append(piece)
-        await context.send_initial_metadata(route_headers(route))
-        annotate_span(caller, route, total_usage(pieces))
+        pieces = await self._whole_answers(caller, generation, n, context)
         choices = []
         for index, parts in pieces.items():
             choice = pb.ChatChoice(
@@ -183,6 +175,22 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
             choices=choices,
             usage=total_usage(pieces),
         )
+
+    async def _whole_answers(
+        self, caller: Caller, generation: GenerationRequest, n: int, context: Context
+    ) -> dict[int, list[Piece]]:
+        """Every choice's pieces of a request not streamed (a restart voids the
+        pieces before it); route headers sent and the span annotated."""
+        pieces: dict[int, list[Piece]] = {i: [] for i in range(n)}
+        route = Route()
+        async with aclosing(self._gateway.generate(caller, generation, n, stream=False, route=route)) as stream:
+            async for piece in stream:
+                if piece.restarted:
+                    pieces[piece.index].clear()
+                pieces[piece.index].append(piece)
+        await context.send_initial_metadata(route_headers(route))
+        annotate_span(caller, route, total_usage(pieces))
+        return pieces
 
     async def StreamChatCompletion(
         self, request: pb.CreateChatCompletionRequest, context: Context
@@ -264,15 +272,7 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
         n = choices_of(request)
         sampling = sampling_of(request, request.max_tokens if request.HasField("max_tokens") else None)
         generation = GenerationRequest(request.model, prompt=prompts[0], sampling=sampling)
-        pieces: dict[int, list[Piece]] = {i: [] for i in range(n)}
-        route = Route()
-        async with aclosing(self._gateway.generate(caller, generation, n, stream=False, route=route)) as stream:
-            async for piece in stream:
-                if piece.restarted:
-                    pieces[piece.index].clear()
-                pieces[piece.index].append(piece)
-        await context.send_initial_metadata(route_headers(route))
-        annotate_span(caller, route, total_usage(pieces))
+        pieces = await self._whole_answers(caller, generation, n, context)
         echo = prompts[0] if request.echo else ""
         return pb.Completion(
             id=f"cmpl-{caller.request_id}",

@@ -94,15 +94,14 @@ class RedisUsagePublisher:
                 self._reservations.settle_into(pipe, request_id, micros, tokens)
             await pipe.execute()
 
-    async def _replay(self) -> bool:
-        """Sends what the spool holds; True when it is empty."""
+    async def _replay(self) -> None:
+        """Sends what the spool holds, oldest first, then empties it."""
         items = self._spool.read()
         for start in range(0, len(items), 500):
             await self._send_batch(items[start : start + 500])
         self._spool.clear()
         if items:
             log.info("usage spool replayed", items=len(items))
-        return True
 
     async def _send_forever(self) -> None:
         while True:
