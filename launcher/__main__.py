@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 
 from launcher.readiness import StartError
 from launcher.settings import LauncherSettings
@@ -26,10 +27,11 @@ def main() -> int:
         stack.stop()
         return 1
     edge = f"127.0.0.1:{plan.edge_port}"
+    edges = "  ".join(f"http://127.0.0.1:{port}/v1" for port in plan.edge_ports)
     cli = f".venv/bin/python -m services.auth.cli --edge {edge} create-key --tenant demo"
     print(
         f"[mariana] ready.\n"
-        f"  edge (REST + gRPC): http://{edge}/v1   (OpenAI base_url; gRPC stubs use {edge})\n"
+        f"  edge (REST + gRPC): {edges}   (OpenAI base_url; gRPC stubs use {edge})\n"
         f"  Envoy admin:        http://127.0.0.1:{plan.admin_port}/\n"
         f"  logs:               {stack.logs}/\n"
         f"  metrics:            .venv/bin/python -m launcher.top   (live summary; Prometheus targets in "
@@ -40,7 +42,12 @@ def main() -> int:
     if settings.master_key is None:
         print("  (no MARIANA_MASTER_KEY was set, so no admin key exists: restart with one to issue keys)", flush=True)
     print("[mariana] Ctrl-C stops everything.", flush=True)
+    next_rotation = time.monotonic() + settings.cert_rotation_interval_s
     while not stop.wait(0.5):
+        if time.monotonic() >= next_rotation:
+            stack.rotate_certificates()
+            next_rotation = time.monotonic() + settings.cert_rotation_interval_s
+            print("[mariana] workload certificates rotated (no restart).", flush=True)
         dead = stack.check_alive()
         if dead is not None:
             print(

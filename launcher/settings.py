@@ -29,6 +29,13 @@ class LauncherSettings(BaseSettings):
     topology_file: Path = Field(
         REPO / "mesh" / "topology.yaml", description="The mesh's topology (services, replicas)."
     )
+    replicas: dict[str, int] = Field(
+        default_factory=dict,
+        description='Replica counts over the topology\'s, e.g. {"router": 2, "inference": 2, "auth": 2, "edge": 2}.',
+    )
+    cert_rotation_interval_s: float = Field(
+        6 * 3600.0, gt=0, description="`make run` re-issues every workload certificate this often (they live a day)."
+    )
     router_catalog: Path | None = Field(None, description="The router's model catalog; default: the packaged one.")
     otlp_endpoint: str = Field("", description="host:port of an OTLP/gRPC collector for traces; empty: off.")
     start_timeout_s: float = Field(180.0, gt=0, description="How long start-up may take before it is abandoned.")

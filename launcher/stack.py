@@ -17,8 +17,8 @@ from launcher.readiness import StartError, envoy_clusters_healthy, grpc_serving,
 from launcher.settings import REPO, LauncherSettings
 from mariana_common.tls import channel_credentials
 from mesh.envoy_config import write_bootstrap
-from mesh.pki import mint_mesh
-from mesh.plan import Plan, free_port, make_plan
+from mesh.pki import mint_mesh, rotate_workloads
+from mesh.plan import ENVOY_IDENTITY, Plan, free_port, make_plan
 from mesh.topology import load_topology
 
 DESCRIPTOR_SET = REPO / "build" / "mariana.pb"
@@ -44,12 +44,19 @@ class Stack:
             raise StartError("build/mariana.pb is missing: run `make protos`")
         if not (self.settings.resolved_model_dir() / "config.json").exists():
             raise StartError(f"no model at {self.settings.resolved_model_dir()}: run `make model`")
-        topology = load_topology(self.settings.topology_file)
+        topology = load_topology(self.settings.topology_file).with_replicas(self.settings.replicas)
         plan = make_plan(topology, DESCRIPTOR_SET, any_ports=self.settings.any_ports, edge_port=self.settings.edge_port)
         pki = self.data_dir / "pki"
         shutil.rmtree(pki, ignore_errors=True)
         certs = mint_mesh(pki, topology.trust_domain, [*plan.identities(), OPERATOR])
         return dataclasses.replace(plan, certs=certs, otlp_endpoint=self.settings.otlp_endpoint)
+
+    def rotate_certificates(self) -> None:
+        """New certificates for every workload from the same CA, in place:
+        Envoy and the services take them up without restarting."""
+        assert self.plan is not None
+        pki = self.plan.certs[ENVOY_IDENTITY].cert.parent
+        rotate_workloads(pki, self.plan.topology.trust_domain, [*self.plan.identities(), OPERATOR])
 
     def _base_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MARIANA_")}
@@ -82,6 +89,8 @@ class Stack:
             prefix + "TLS_CERT": str(certs.cert),
             prefix + "TLS_KEY": str(certs.key),
             prefix + "TLS_CA": str(certs.ca),
+            # Only Envoy (and the operator's probes) may call a service directly.
+            prefix + "TLS_PEERS": json.dumps([self.plan.topology.spiffe_id(i) for i in (ENVOY_IDENTITY, OPERATOR)]),
             prefix + "LOG_LEVEL": self.settings.log_level,
             prefix + "OTLP_ENDPOINT": self.settings.otlp_endpoint,
         }
@@ -167,24 +176,17 @@ class Stack:
         for process, port in started:
             wait_until(grpc_serving(port, credentials), process.name, deadline, process)
 
-        envoy_config = write_bootstrap(plan, self.data_dir / "envoy" / "envoy.json", self.settings.edge_auth)
-        envoy = self._spawn(
-            "envoy",
-            [
-                self.envoy_binary(),
-                "-c",
-                str(envoy_config),
-                "--concurrency",
-                "1",
-                "--log-level",
-                "warn",
-                "--base-id",
-                str(plan.admin_port),
-            ],
-            self._base_env(),
-        )
-        wait_until(envoy_clusters_healthy(plan.admin_port, list(plan.topology.services)), "envoy", deadline, envoy)
-        self.metrics["envoy"] = ("envoy", f"http://127.0.0.1:{plan.admin_port}/stats/prometheus")
+        envoys = []
+        for index in range(plan.envoys):
+            name = "envoy" if plan.envoys == 1 else f"envoy-{index}"
+            config = write_bootstrap(plan, self.data_dir / "envoy" / f"{name}.json", index, self.settings.edge_auth)
+            argv = [self.envoy_binary(), "-c", str(config), "--concurrency", "1", "--log-level", "warn"]
+            argv += ["--base-id", str(plan.admin_ports[index])]
+            envoys.append(self._spawn(name, argv, self._base_env()))
+            self.metrics[name] = ("envoy", f"http://127.0.0.1:{plan.admin_ports[index]}/stats/prometheus")
+        for index, envoy in enumerate(envoys):
+            ready = envoy_clusters_healthy(plan.admin_ports[index], list(plan.topology.services))
+            wait_until(ready, envoy.name, deadline, envoy)
         self._write_scrape_targets()
         return plan
 

@@ -1,21 +1,104 @@
 """Client channels. Services reach each other only through Envoy's mesh
-listeners, over mTLS with their own certificate."""
+listeners, over mTLS with their own certificate.
+
+A mesh target may list several Envoys (`ipv4:127.0.0.1:7201,127.0.0.1:7301`):
+calls are spread round robin over those that are up, so no one Envoy is a
+single point of failure. When the service's certificate is rotated, the next
+call opens a new channel with the new files; calls already running on the old
+one finish there (it is closed after `OLD_CHANNEL_GRACE_S`)."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import grpc
+import structlog
 
 from mariana_common.settings import ServiceSettings
-from mariana_common.tls import channel_credentials
+from mariana_common.tls import CertificateFiles, credentials_of
+
+log = structlog.get_logger()
 
 _OPTIONS = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.lb_policy_name", "round_robin"),
+    # Envoy's certificate names localhost; a multi-address target has no host name of its own.
+    ("grpc.ssl_target_name_override", "localhost"),
 )
+# Long enough for a whole generation to finish on the old channel.
+OLD_CHANNEL_GRACE_S = 600.0
 
 
-def mesh_channel(target: str, settings: ServiceSettings) -> grpc.aio.Channel:
-    """One long-lived channel per upstream; never one per request."""
-    credentials = channel_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
-    return grpc.aio.secure_channel(target, credentials, options=_OPTIONS)
+class _Method:
+    """A stub's multicallable that always calls through the current channel."""
+
+    def __init__(self, owner: MeshChannel, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._owner = owner
+        self._kind = kind
+        self._args = args
+        self._kwargs = kwargs
+        self._generation = -1
+        self._bound: Any = None
+
+    def _current(self) -> Any:
+        channel, generation = self._owner.current()
+        if generation != self._generation:
+            self._bound = getattr(channel, self._kind)(*self._args, **self._kwargs)
+            self._generation = generation
+        return self._bound
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._current()(*args, **kwargs)
+
+
+class MeshChannel:
+    """Quacks like the parts of grpc.aio.Channel that generated stubs use."""
+
+    def __init__(self, target: str, files: CertificateFiles) -> None:
+        self._target = target
+        self._files = files
+        self._generation = 0
+        self._channel = self._open()
+        self._retired: set[asyncio.Task[None]] = set()
+
+    def _open(self) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(self._target, credentials_of(self._files.pair), options=_OPTIONS)
+
+    def current(self) -> tuple[grpc.aio.Channel, int]:
+        if self._files.refresh():
+            old, self._channel = self._channel, self._open()
+            self._generation += 1
+            log.info("mesh channel reopened with the rotated certificate", target=self._target)
+            task = asyncio.get_running_loop().create_task(old.close(OLD_CHANNEL_GRACE_S))
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
+        return self._channel, self._generation
+
+    def unary_unary(self, *args: Any, **kwargs: Any) -> Any:
+        return _Method(self, "unary_unary", args, kwargs)
+
+    def unary_stream(self, *args: Any, **kwargs: Any) -> Any:
+        return _Method(self, "unary_stream", args, kwargs)
+
+    def stream_unary(self, *args: Any, **kwargs: Any) -> Any:
+        return _Method(self, "stream_unary", args, kwargs)
+
+    def stream_stream(self, *args: Any, **kwargs: Any) -> Any:
+        return _Method(self, "stream_stream", args, kwargs)
+
+    async def channel_ready(self) -> None:
+        await self._channel.channel_ready()
+
+    async def close(self, grace: float | None = None) -> None:
+        for task in list(self._retired):
+            task.cancel()
+        await self._channel.close(grace)
+
+
+def mesh_channel(target: str, settings: ServiceSettings) -> Any:
+    """One long-lived channel per upstream; never one per request. Typed Any:
+    stubs take it as a grpc.aio.Channel."""
+    return MeshChannel(target, CertificateFiles(settings.tls_cert, settings.tls_key, settings.tls_ca))

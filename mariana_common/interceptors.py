@@ -115,9 +115,22 @@ def _aborted_code(context: Context) -> str:
     return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
 
-def _wrap_unary(behaviour: Unary, method: str) -> Unary:
+def _caller_refused(context: Context, peers: frozenset[bytes]) -> bool:
+    """True when the peer's certificate names none of `peers` (empty: any
+    certificate of the mesh CA will do)."""
+    return bool(peers) and peers.isdisjoint(context.peer_identities() or ())
+
+
+async def _refuse_caller(context: Context, method: str) -> None:
+    log.warning("caller refused: identity not allowed here", rpc=method, peer=context.peer())
+    await context.abort(grpc.StatusCode.PERMISSION_DENIED, "this workload identity may not call this service")
+
+
+def _wrap_unary(behaviour: Unary, method: str, peers: frozenset[bytes]) -> Unary:
     async def wrapped(request: Any, context: Context) -> Any:
         structlog.contextvars.bind_contextvars(trace_id=trace_id_from(context.invocation_metadata()), rpc=method)
+        if _caller_refused(context, peers):
+            await _refuse_caller(context, method)
         started, code = time.perf_counter(), "OK"
         try:
             return await behaviour(request, context)
@@ -136,9 +149,11 @@ def _wrap_unary(behaviour: Unary, method: str) -> Unary:
     return wrapped
 
 
-def _wrap_streaming(behaviour: Streaming, method: str) -> Streaming:
+def _wrap_streaming(behaviour: Streaming, method: str, peers: frozenset[bytes]) -> Streaming:
     async def wrapped(request: Any, context: Context) -> AsyncIterator[Any]:
         structlog.contextvars.bind_contextvars(trace_id=trace_id_from(context.invocation_metadata()), rpc=method)
+        if _caller_refused(context, peers):
+            await _refuse_caller(context, method)
         started, code = time.perf_counter(), "OK"
         try:
             async for item in behaviour(request, context):
@@ -161,21 +176,26 @@ def _wrap_streaming(behaviour: Streaming, method: str) -> Streaming:
 class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Maps domain errors to status codes; anything else becomes INTERNAL with
     the trace id, logged with its traceback. Nothing reaches a client as UNKNOWN.
-    Each method's handler is wrapped once and remembered, not on every call."""
+    Each method's handler is wrapped once and remembered, not on every call.
 
-    def __init__(self) -> None:
+    `peers`: the SPIFFE ids that may call this server at all (Envoy, and the
+    operator's probes); any other workload of the mesh gets PERMISSION_DENIED,
+    so nothing reaches a service around Envoy's RBAC. Empty: any mesh identity."""
+
+    def __init__(self, peers: frozenset[str] = frozenset()) -> None:
         self._wrapped: dict[str, Any] = {}
+        self._peers = frozenset(peer.encode() for peer in peers)
 
     def _wrap(self, handler: Any, method: str) -> Any:
         if handler.unary_unary and inspect.iscoroutinefunction(handler.unary_unary):
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
+                _wrap_unary(handler.unary_unary, method, self._peers),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_streaming(handler.unary_stream, method),
+                _wrap_streaming(handler.unary_stream, method, self._peers),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )

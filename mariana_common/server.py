@@ -60,7 +60,7 @@ def create_server(
 ) -> Server:
     """Builds the server with mTLS; `register` adds the service's servicers to it."""
     server = grpc.aio.server(
-        interceptors=[ErrorStatusInterceptor()],
+        interceptors=[ErrorStatusInterceptor(frozenset(settings.tls_peers))],
         options=[("grpc.so_reuseport", 0)],
     )
     register(server)

@@ -20,6 +20,10 @@ class ServiceSettings(BaseSettings):
     tls_cert: Path = Field(..., description="PEM certificate of this service.")
     tls_key: Path = Field(..., description="PEM private key of this service.")
     tls_ca: Path = Field(..., description="PEM CA that signs every certificate in the mesh.")
+    tls_peers: list[str] = Field(
+        default_factory=list,
+        description="SPIFFE ids that may call this service (JSON list); empty: any certificate of the mesh CA.",
+    )
     log_level: str = Field("info", description="debug, info, warning or error.")
     shutdown_grace_s: float = Field(30.0, ge=0, description="Time in-flight calls get to finish on SIGTERM.")
     port_file: Path | None = Field(None, description="When set, the bound port is written here once serving.")

@@ -1,24 +1,104 @@
-"""mTLS credentials. Every service requires a client certificate signed by the
-mesh CA, and presents its own certificate when it calls Envoy."""
+"""mTLS credentials that follow certificate rotation. Every service requires a
+client certificate signed by the mesh CA, and presents its own certificate
+when it calls Envoy. When the files change (the launcher or a cert manager
+rotates them in place), new handshakes use the new ones; no restart.
+
+A rotation replaces the key and the certificate one after the other, so a
+reader can catch a new key beside an old certificate: such a pair is not taken
+(the key must match the certificate) and is looked at again next time."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+log = structlog.get_logger()
+
+LOOK_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    key: bytes
+    cert: bytes
+    ca: bytes
+    serial: int
+
+
+def read_pair(cert: Path, key: Path, ca: Path) -> KeyPair:
+    """The files as one consistent pair; ValueError if the key does not belong
+    to the certificate (a rotation caught halfway)."""
+    cert_pem, key_pem, ca_pem = cert.read_bytes(), key.read_bytes(), ca.read_bytes()
+    certificate = x509.load_pem_x509_certificate(cert_pem)
+    private_key = serialization.load_pem_private_key(key_pem, password=None)
+    raw = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if certificate.public_key().public_bytes(*raw) != private_key.public_key().public_bytes(*raw):
+        raise ValueError(f"{key} does not match {cert}")
+    return KeyPair(key_pem, cert_pem, ca_pem, certificate.serial_number)
+
+
+class CertificateFiles:
+    """A service's certificate, key and CA, re-read when any of them changes
+    (looked at no more than once per `interval_s`)."""
+
+    def __init__(self, cert: Path, key: Path, ca: Path, interval_s: float = LOOK_INTERVAL_S) -> None:
+        self._paths = (cert, key, ca)
+        self._interval_s = interval_s
+        self.pair = read_pair(cert, key, ca)
+        self._stamp = self._mtimes()
+        self._next_look = time.monotonic() + interval_s
+
+    def _mtimes(self) -> tuple[int, ...]:
+        return tuple(path.stat().st_mtime_ns for path in self._paths)
+
+    def refresh(self) -> bool:
+        """True when a new, consistent pair was read just now."""
+        now = time.monotonic()
+        if now < self._next_look:
+            return False
+        self._next_look = now + self._interval_s
+        try:
+            stamp = self._mtimes()
+            if stamp == self._stamp:
+                return False
+            pair = read_pair(*self._paths)
+        except (OSError, ValueError) as error:
+            log.warning("certificate not reloaded yet; keeping the current one", error=str(error))
+            return False
+        self._stamp, self.pair = stamp, pair
+        log.info("certificate reloaded", cert=str(self._paths[0]), serial=f"{pair.serial:x}")
+        return True
 
 
 def server_credentials(cert: Path, key: Path, ca: Path) -> grpc.ServerCredentials:
-    return grpc.ssl_server_credentials(
-        [(key.read_bytes(), cert.read_bytes())],
-        root_certificates=ca.read_bytes(),
-        require_client_auth=True,
+    """Client certificates required; each new handshake uses the current files."""
+    files = CertificateFiles(cert, key, ca)
+
+    def configuration(pair: KeyPair) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(pair.key, pair.cert)], root_certificates=pair.ca)
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        return configuration(files.pair) if files.refresh() else None
+
+    # gRPC asks `fetch` at each new handshake; None keeps the current files.
+    return grpc.dynamic_ssl_server_credentials(
+        configuration(files.pair),
+        fetch,  # type: ignore[arg-type]
+        require_client_authentication=True,
     )
 
 
 def channel_credentials(cert: Path, key: Path, ca: Path) -> grpc.ChannelCredentials:
-    return grpc.ssl_channel_credentials(
-        root_certificates=ca.read_bytes(),
-        private_key=key.read_bytes(),
-        certificate_chain=cert.read_bytes(),
-    )
+    """Fixed credentials from the files as they are now (see channels.py for
+    channels that follow rotation)."""
+    return credentials_of(read_pair(cert, key, ca))
+
+
+def credentials_of(pair: KeyPair) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(root_certificates=pair.ca, private_key=pair.key, certificate_chain=pair.cert)

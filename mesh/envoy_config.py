@@ -25,12 +25,14 @@ from envoy_data_plane.envoy.config.accesslog.v3 import (
     GrpcStatusFilter,
     GrpcStatusFilterStatus,
     OrFilter,
+    ResponseFlagFilter,
     StatusCodeFilter,
 )
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
 from envoy_data_plane.envoy.config.cluster.v3 import (
     CircuitBreakers,
     CircuitBreakersThresholds,
+    CircuitBreakersThresholdsRetryBudget,
     Cluster,
     ClusterDiscoveryType,
     ClusterLbPolicy,
@@ -40,6 +42,7 @@ from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutatio
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
     ApiVersion,
+    ConfigSource,
     DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
@@ -48,11 +51,16 @@ from envoy_data_plane.envoy.config.core.v3 import (
     HealthCheck,
     HealthCheckGrpcHealthCheck,
     Http2ProtocolOptions,
+    Node,
+    PathConfigSource,
+    RuntimeFractionalPercent,
     RuntimeUInt32,
     SocketAddress,
     SubstitutionFormatString,
     TransportSocket,
+    WatchedDirectory,
 )
+from envoy_data_plane.envoy.config.core.v3 import RetryPolicy as GrpcRetryPolicy
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
 from envoy_data_plane.envoy.config.rbac.v3 import (
@@ -65,7 +73,11 @@ from envoy_data_plane.envoy.config.rbac.v3 import (
 )
 from envoy_data_plane.envoy.config.route.v3 import (
     DirectResponseAction,
+    RateLimit,
+    RateLimitAction,
+    RateLimitActionRequestHeaders,
     RetryPolicy,
+    RetryPolicyRetryHostPredicate,
     Route,
     RouteAction,
     RouteConfiguration,
@@ -74,12 +86,18 @@ from envoy_data_plane.envoy.config.route.v3 import (
 )
 from envoy_data_plane.envoy.config.trace.v3 import OpenTelemetryConfig, TracingHttp
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
+from envoy_data_plane.envoy.extensions.common.ratelimit.v3 import (
+    LocalRateLimitDescriptor,
+    RateLimitDescriptorEntry,
+    XRateLimitHeadersRfcVersion,
+)
 from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthz
 from envoy_data_plane.envoy.extensions.filters.http.grpc_json_transcoder.v3 import (
     GrpcJsonTranscoder,
     GrpcJsonTranscoderPrintOptions,
 )
 from envoy_data_plane.envoy.extensions.filters.http.header_mutation.v3 import HeaderMutation, Mutations
+from envoy_data_plane.envoy.extensions.filters.http.local_ratelimit.v3 import LocalRateLimit
 from envoy_data_plane.envoy.extensions.filters.http.lua.v3 import Lua
 from envoy_data_plane.envoy.extensions.filters.http.rbac.v3 import Rbac as RbacFilter
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
@@ -88,11 +106,17 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpConnectionManagerCodecType,
     HttpConnectionManagerTracing,
     HttpFilter,
+    LocalReplyConfig,
+    ResponseMapper,
 )
+from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
     CommonTlsContext,
+    CommonTlsContextCombinedCertificateValidationContext,
     DownstreamTlsContext,
+    SdsSecretConfig,
+    Secret,
     SubjectAltNameMatcher,
     SubjectAltNameMatcherSanType,
     TlsCertificate,
@@ -103,11 +127,13 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptionsExplicitHttpConfig,
 )
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
-from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
+from envoy_data_plane.envoy.type.v3 import FractionalPercent, HttpStatus, Percent, StatusCode, TokenBucket
 from envoy_data_plane.google.protobuf import Any, Struct, Value
 
+from mesh.api import idempotent_paths
 from mesh.plan import ENVOY_IDENTITY, Plan
 from mesh.topology import EDGE, Service
+from mesh.topology import RetryPolicy as TopologyRetry
 from services.auth.ext_authz import IDENTITY_HEADERS
 
 LLM_SERVICE = "mariana.llm.v1.LlmService"
@@ -200,6 +226,8 @@ ACCESS_LOG_FIELDS = {
     "flags": "%RESPONSE_FLAGS%",
     "duration_ms": "%DURATION%",
     "upstream": "%UPSTREAM_CLUSTER%",
+    "route": "%ROUTE_NAME%",
+    "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
 }
 
 
@@ -211,8 +239,40 @@ def _file(path: Path) -> DataSource:
     return DataSource(filename=str(path.resolve()))
 
 
-def _tls_context(plan: Plan, peer_ids: list[str]) -> CommonTlsContext:
+# Envoy's certificate and the mesh CA come from SDS secrets in files: when the
+# certificates are rotated in place, Envoy picks them up without a restart.
+IDENTITY_SECRET = "envoy_identity"
+CA_SECRET = "mesh_ca"
+
+
+def _sds(plan: Plan, secret: str) -> SdsSecretConfig:
+    directory = plan.certs[ENVOY_IDENTITY].cert.parent.resolve()
+    source = PathConfigSource(path=str(sds_file(plan, secret)), watched_directory=WatchedDirectory(path=str(directory)))
+    return SdsSecretConfig(name=secret, sds_config=ConfigSource(path_config_source=source))
+
+
+def sds_file(plan: Plan, secret: str) -> Path:
+    return plan.certs[ENVOY_IDENTITY].cert.parent.resolve() / f"sds-{secret}.json"
+
+
+def sds_secrets(plan: Plan) -> dict[str, Secret]:
     certs = plan.certs[ENVOY_IDENTITY]
+    directory = WatchedDirectory(path=str(certs.cert.parent.resolve()))
+    return {
+        IDENTITY_SECRET: Secret(
+            name=IDENTITY_SECRET,
+            tls_certificate=TlsCertificate(
+                certificate_chain=_file(certs.cert), private_key=_file(certs.key), watched_directory=directory
+            ),
+        ),
+        CA_SECRET: Secret(
+            name=CA_SECRET,
+            validation_context=CertificateValidationContext(trusted_ca=_file(certs.ca), watched_directory=directory),
+        ),
+    }
+
+
+def _tls_context(plan: Plan, peer_ids: list[str]) -> CommonTlsContext:
     sans = [
         SubjectAltNameMatcher(san_type=SubjectAltNameMatcherSanType.URI, matcher=StringMatcher(exact=peer))
         for peer in peer_ids
@@ -220,8 +280,11 @@ def _tls_context(plan: Plan, peer_ids: list[str]) -> CommonTlsContext:
     return CommonTlsContext(
         # gRPC servers refuse TLS without ALPN h2.
         alpn_protocols=["h2"],
-        tls_certificates=[TlsCertificate(certificate_chain=_file(certs.cert), private_key=_file(certs.key))],
-        validation_context=CertificateValidationContext(trusted_ca=_file(certs.ca), match_typed_subject_alt_names=sans),
+        tls_certificate_sds_secret_configs=[_sds(plan, IDENTITY_SECRET)],
+        combined_validation_context=CommonTlsContextCombinedCertificateValidationContext(
+            default_validation_context=CertificateValidationContext(match_typed_subject_alt_names=sans),
+            validation_context_sds_secret_config=_sds(plan, CA_SECRET),
+        ),
     )
 
 
@@ -263,18 +326,64 @@ def _http_filter(name: str, config: object) -> HttpFilter:
     return HttpFilter(name=name, typed_config=Any.pack(config))  # type: ignore[arg-type]
 
 
-def _retry_policy(service: Service) -> RetryPolicy:
+def _retry_policy(policy: TopologyRetry) -> RetryPolicy:
     return RetryPolicy(
-        retry_on=",".join(service.retry.retry_on),
-        num_retries=service.retry.num_retries,
-        per_try_timeout=service.retry.per_try_timeout,
+        retry_on=",".join(policy.retry_on),
+        num_retries=policy.num_retries,
+        per_try_timeout=policy.per_try_timeout,
+        # A retry goes to another replica when there is one.
+        retry_host_predicate=[
+            RetryPolicyRetryHostPredicate(
+                name="envoy.retry_host_predicates.previous_hosts", typed_config=Any.pack(PreviousHostsPredicate())
+            )
+        ],
+        host_selection_retry_max_attempts=3,
     )
 
 
-def _route_to(service_name: str, service: Service, match: RouteMatch) -> Route:
+def _route_to(service_name: str, service: Service, match: RouteMatch, policy: TopologyRetry, name: str) -> Route:
     return Route(
+        name=name,
         match=match,
-        route=RouteAction(cluster=service_name, timeout=service.timeout, retry_policy=_retry_policy(service)),
+        route=RouteAction(cluster=service_name, timeout=service.timeout, retry_policy=_retry_policy(policy)),
+    )
+
+
+def service_routes(plan: Plan, name: str, prefixes: list[str]) -> list[Route]:
+    """One route per idempotent method (with `idempotent_retry`), then the
+    service's `prefixes` with the retry every method may have."""
+    service = plan.topology.services[name]
+    exact = [
+        _route_to(name, service, RouteMatch(path=path), service.idempotent_retry, f"{name}{path}")
+        for path in idempotent_paths(plan.descriptor_set, service.api)
+        if any(path.startswith(prefix) for prefix in prefixes)
+    ]
+    fallback = [
+        _route_to(name, service, RouteMatch(prefix=prefix), service.retry, f"{name}{prefix}*") for prefix in prefixes
+    ]
+    return exact + fallback
+
+
+_LB_POLICIES = {
+    "least_request": ClusterLbPolicy.LEAST_REQUEST,
+    "round_robin": ClusterLbPolicy.ROUND_ROBIN,
+    "random": ClusterLbPolicy.RANDOM,
+}
+
+
+def _thresholds(service: Service) -> CircuitBreakersThresholds:
+    breaker = service.circuit_breaker
+    budget = breaker.retry_budget
+    return CircuitBreakersThresholds(
+        max_connections=breaker.max_connections,
+        max_pending_requests=breaker.max_pending_requests,
+        max_requests=breaker.max_requests,
+        max_retries=breaker.max_retries,
+        retry_budget=None
+        if budget is None
+        else CircuitBreakersThresholdsRetryBudget(
+            budget_percent=Percent(value=budget.budget_percent), min_retry_concurrency=budget.min_retry_concurrency
+        ),
     )
 
 
@@ -286,29 +395,19 @@ def cluster(plan: Plan, name: str, service: Service) -> Cluster:
     upstream_tls = UpstreamTlsContext(
         common_tls_context=_tls_context(plan, [plan.topology.spiffe_id(name)]), sni="localhost"
     )
-    breaker = service.circuit_breaker
     outlier = service.outlier_detection
     health = service.health_check
     return Cluster(
         name=name,
         type=ClusterDiscoveryType.STATIC,
         connect_timeout=timedelta(seconds=1),
-        lb_policy=ClusterLbPolicy.LEAST_REQUEST,
+        lb_policy=_LB_POLICIES[service.lb_policy],
         load_assignment=ClusterLoadAssignment(
             cluster_name=name, endpoints=[LocalityLbEndpoints(lb_endpoints=endpoints)]
         ),
         typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(protocol)},
         transport_socket=TransportSocket(name="envoy.transport_sockets.tls", typed_config=Any.pack(upstream_tls)),
-        circuit_breakers=CircuitBreakers(
-            thresholds=[
-                CircuitBreakersThresholds(
-                    max_connections=breaker.max_connections,
-                    max_pending_requests=breaker.max_pending_requests,
-                    max_requests=breaker.max_requests,
-                    max_retries=breaker.max_retries,
-                )
-            ]
-        ),
+        circuit_breakers=CircuitBreakers(thresholds=[_thresholds(service)]),
         outlier_detection=EnvoyOutlierDetection(
             consecutive_5xx=outlier.consecutive_5xx,
             consecutive_gateway_failure=outlier.consecutive_gateway_failure,
@@ -347,41 +446,104 @@ def _transcoder(plan: Plan, *, sse: bool) -> GrpcJsonTranscoder:
 UNAUTHENTICATED_IDENTITY = {"x-mariana-tenant": "anonymous", "x-mariana-key-id": "anonymous"}
 
 
-def edge_listener(plan: Plan, auth: bool = True) -> Listener:
+NOT_FOUND = json.dumps({"error": {"message": "no such endpoint", "type": "invalid_request_error", "code": "not_found"}})
+RATE_LIMITED = json.dumps(
+    {
+        "error": {
+            "message": "too many requests for this tenant at this edge; retry shortly",
+            "type": "rate_limit_error",
+            "param": None,
+            "code": "rate_limit_exceeded",
+        }
+    }
+)
+TENANT_HEADER = "x-mariana-tenant"
+
+
+def _edge_routes(plan: Plan) -> list[Route]:
+    """REST paths are matched twice: once as sent (ext_authz and the Lua see
+    them; the streaming route carries the SSE transcoder setting), then, after
+    the transcoder rewrote the path, on the gRPC method, where each method's
+    retry policy applies."""
     services = plan.topology.services
-    routes = [
+    admin = [
+        route
+        for name, prefix in ADMIN_GRPC_PREFIXES.items()
+        if EDGE in services[name].callers
+        for route in service_routes(plan, name, [prefix])
+    ]
+    return [
         Route(
+            name="router/v1/chat/completions:stream",
             match=RouteMatch(path=CHAT_STREAM_PATH),
             route=RouteAction(cluster="router", timeout=services["router"].timeout),
             typed_per_filter_config={TRANSCODER: Any.pack(_transcoder(plan, sse=True))},
         ),
-        *[
-            _route_to(name, services[name], RouteMatch(prefix=prefix))
-            for name, prefix in ADMIN_GRPC_PREFIXES.items()
-            if EDGE in services[name].callers
-        ],
-        _route_to("router", services["router"], RouteMatch(prefix=f"/{LLM_SERVICE}/")),
-        _route_to("router", services["router"], RouteMatch(prefix="/v1/")),
+        *admin,
+        *service_routes(plan, "router", [f"/{LLM_SERVICE}/", "/v1/"]),
         Route(
+            name="not_found",
             match=RouteMatch(prefix="/"),
-            direct_response=DirectResponseAction(
-                status=404,
-                body=DataSource(
-                    inline_string=json.dumps(
-                        {"error": {"message": "no such endpoint", "type": "invalid_request_error", "code": "not_found"}}
-                    )
-                ),
-            ),
+            direct_response=DirectResponseAction(status=404, body=DataSource(inline_string=NOT_FOUND)),
         ),
     ]
-    ext_authz = ExtAuthz(
+
+
+def _ext_authz(plan: Plan) -> ExtAuthz:
+    edge = plan.topology.edge
+    retry = edge.ext_authz_retry
+    policy = GrpcRetryPolicy(retry_on=",".join(retry.retry_on), num_retries=retry.num_retries)
+    return ExtAuthz(
         grpc_service=GrpcService(
-            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name="auth"), timeout=plan.topology.edge.ext_authz_timeout
+            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name="auth", retry_policy=policy), timeout=edge.ext_authz_timeout
         ),
         transport_api_version=ApiVersion.V3,
         failure_mode_allow=False,
         status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
     )
+
+
+def _tenant_rate_limit(plan: Plan) -> list[HttpFilter]:
+    """A token bucket per tenant (the header auth set), in this Envoy."""
+    limit = plan.topology.edge.tenant_rate_limit
+    if limit is None:
+        return []
+    bucket = TokenBucket(
+        max_tokens=limit.burst, tokens_per_fill=limit.requests_per_second, fill_interval=timedelta(seconds=1)
+    )
+    always = RuntimeFractionalPercent(default_value=FractionalPercent(numerator=100))
+    by_tenant = RateLimitActionRequestHeaders(header_name=TENANT_HEADER, descriptor_key="tenant")
+    config = LocalRateLimit(
+        stat_prefix="tenant_rate_limit",
+        filter_enabled=always,
+        filter_enforced=always,
+        # An empty value matches every tenant, each with a bucket of its own.
+        descriptors=[
+            LocalRateLimitDescriptor(entries=[RateLimitDescriptorEntry(key="tenant", value="")], token_bucket=bucket)
+        ],
+        max_dynamic_descriptors=10_000,
+        rate_limits=[RateLimit(actions=[RateLimitAction(request_headers=by_tenant)])],
+        rate_limited_as_resource_exhausted=True,
+        enable_x_ratelimit_headers=XRateLimitHeadersRfcVersion.DRAFT_VERSION_03,
+    )
+    return [_http_filter("envoy.filters.http.local_ratelimit", config)]
+
+
+def _local_replies() -> LocalReplyConfig:
+    """Envoy's own 429 in OpenAI's error shape."""
+    rate_limited = ResponseMapper(
+        filter=AccessLogFilter(response_flag_filter=ResponseFlagFilter(flags=["RL"])),
+        body=DataSource(inline_string=RATE_LIMITED),
+        body_format_override=SubstitutionFormatString(
+            text_format_source=DataSource(inline_string="%LOCAL_REPLY_BODY%"), content_type="application/json"
+        ),
+    )
+    return LocalReplyConfig(mappers=[rate_limited])
+
+
+def edge_listener(plan: Plan, index: int = 0, auth: bool = True) -> Listener:
+    routes = _edge_routes(plan)
+    ext_authz = _ext_authz(plan)
     mutations = [HeaderMutationRule(remove=h) for h in IDENTITY_HEADERS]
     if not auth:
         mutations += [
@@ -401,15 +563,17 @@ def edge_listener(plan: Plan, auth: bool = True) -> Listener:
         http_filters=[
             _http_filter("envoy.filters.http.header_mutation", strip_identity),
             *authz,
+            *_tenant_rate_limit(plan),
             _http_filter("envoy.filters.http.lua", Lua(default_source_code=DataSource(inline_string=EDGE_LUA))),
             _http_filter(TRANSCODER, _transcoder(plan, sse=False)),
             _http_filter("envoy.filters.http.router", Router()),
         ],
         access_log=_access_log("edge"),
+        local_reply_config=_local_replies(),
     )
     return Listener(
         name="edge",
-        address=_address(plan.edge_port),
+        address=_address(plan.edge_ports[index]),
         filter_chains=[FilterChain(filters=[_network_filter(manager)])],
     )
 
@@ -418,7 +582,7 @@ def _network_filter(manager: HttpConnectionManager) -> Filter:
     return Filter(name="envoy.filters.network.http_connection_manager", typed_config=Any.pack(manager))
 
 
-def mesh_listener(plan: Plan, name: str, service: Service) -> Listener:
+def mesh_listener(plan: Plan, name: str, service: Service, index: int = 0) -> Listener:
     """Where services call `name`: only its declared callers get through."""
     callers = [c for c in service.callers if c != EDGE]
     caller_ids = [plan.topology.spiffe_id(c) for c in callers]
@@ -442,9 +606,7 @@ def mesh_listener(plan: Plan, name: str, service: Service) -> Listener:
         tracing=_tracing(plan, f"mesh-{name}"),
         route_config=RouteConfiguration(
             name=f"mesh_{name}",
-            virtual_hosts=[
-                VirtualHost(name=name, domains=["*"], routes=[_route_to(name, service, RouteMatch(prefix="/"))])
-            ],
+            virtual_hosts=[VirtualHost(name=name, domains=["*"], routes=service_routes(plan, name, ["/"]))],
         ),
         http_filters=[
             _http_filter("envoy.filters.http.rbac", rbac),
@@ -457,7 +619,7 @@ def mesh_listener(plan: Plan, name: str, service: Service) -> Listener:
     tls = DownstreamTlsContext(common_tls_context=_tls_context(plan, []), require_client_certificate=True)
     return Listener(
         name=f"mesh_{name}",
-        address=_address(plan.mesh_ports[name]),
+        address=_address(plan.mesh_ports[name][index]),
         filter_chains=[
             FilterChain(
                 filters=[_network_filter(manager)],
@@ -499,18 +661,22 @@ def collector_cluster(plan: Plan) -> Cluster:
     )
 
 
-def render_bootstrap(plan: Plan, edge_auth: bool = True) -> Bootstrap:
-    """`edge_auth=False` drops ext_authz (and asserts an anonymous identity):
-    for measuring what auth costs, never for serving."""
+def render_bootstrap(plan: Plan, index: int = 0, edge_auth: bool = True) -> Bootstrap:
+    """Envoy number `index` of the plan's Envoys (each has the edge listener
+    and every mesh listener, on ports of its own). `edge_auth=False` drops
+    ext_authz (and asserts an anonymous identity): for measuring what auth
+    costs, never for serving."""
     services = plan.topology.services
-    listeners = [edge_listener(plan, edge_auth)] + [
-        mesh_listener(plan, name, s) for name, s in services.items() if name in plan.mesh_ports
+    listeners = [edge_listener(plan, index, edge_auth)] + [
+        mesh_listener(plan, name, s, index) for name, s in services.items() if name in plan.mesh_ports
     ]
     clusters = [cluster(plan, name, s) for name, s in services.items()]
     if plan.otlp_endpoint:
         clusters.append(collector_cluster(plan))
     return Bootstrap(
-        admin=Admin(address=_address(plan.admin_port)),
+        # SDS needs a node identity.
+        node=Node(id=f"envoy-{index}", cluster="mariana-edge"),
+        admin=Admin(address=_address(plan.admin_ports[index])),
         static_resources=BootstrapStaticResources(listeners=listeners, clusters=clusters),
     )
 
@@ -529,7 +695,19 @@ def _fix_json_names(node: object) -> object:
     return node
 
 
-def write_bootstrap(plan: Plan, path: Path, edge_auth: bool = True) -> Path:
+def _json(message: object) -> str:
+    return json.dumps(_fix_json_names(message.to_dict()), indent=1)  # type: ignore[attr-defined]
+
+
+def write_sds_files(plan: Plan) -> None:
+    """The SDS files the bootstraps point at (one per secret, next to the certificates)."""
+    for name, secret in sds_secrets(plan).items():
+        resource = json.loads(_json(Any.pack(secret)))
+        sds_file(plan, name).write_text(json.dumps({"resources": [resource]}, indent=1))
+
+
+def write_bootstrap(plan: Plan, path: Path, index: int = 0, edge_auth: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_fix_json_names(render_bootstrap(plan, edge_auth).to_dict()), indent=1))
+    write_sds_files(plan)
+    path.write_text(_json(render_bootstrap(plan, index, edge_auth)))
     return path

@@ -50,29 +50,52 @@ def free_port() -> int:
 @dataclass(frozen=True)
 class Plan:
     topology: Topology
-    edge_port: int
-    admin_port: int
+    # one per Envoy
+    edge_ports: list[int]
+    admin_ports: list[int]
     redis_port: int
     # service -> one port per replica
     service_ports: dict[str, list[int]]
-    # service -> Envoy's mesh listener port, for services called inside the mesh
-    mesh_ports: dict[str, int]
+    # service -> each Envoy's mesh listener port, for services called inside the mesh
+    mesh_ports: dict[str, list[int]]
     descriptor_set: Path
     certs: dict[str, CertFiles] = field(default_factory=dict)
     # host:port of an OTLP/gRPC trace collector; empty: Envoy does not trace.
     otlp_endpoint: str = ""
 
+    @property
+    def edge_port(self) -> int:
+        return self.edge_ports[0]
+
+    @property
+    def admin_port(self) -> int:
+        return self.admin_ports[0]
+
+    @property
+    def envoys(self) -> int:
+        return len(self.edge_ports)
+
     def identities(self) -> list[str]:
         return [ENVOY_IDENTITY, *self.topology.services]
 
     def mesh_target(self, service: str) -> str:
-        return f"127.0.0.1:{self.mesh_ports[service]}"
+        """A gRPC target naming every Envoy's mesh listener for `service`."""
+        ports = self.mesh_ports[service]
+        if len(ports) == 1:
+            return f"127.0.0.1:{ports[0]}"
+        return "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in ports)
 
 
-def _replica_ports(port: int, replicas: int, any_ports: bool) -> list[int]:
+# With fixed ports, replica i of a service listens on port + 10 * i and Envoy i
+# on port + 100 * i (7101, 7111 for two auths; 8080, 8180 for two edges).
+SERVICE_STRIDE = 10
+ENVOY_STRIDE = 100
+
+
+def _replica_ports(port: int, replicas: int, any_ports: bool, stride: int = SERVICE_STRIDE) -> list[int]:
     if any_ports or not port:
         return [free_port() for _ in range(replicas)]
-    return [port + i for i in range(replicas)]
+    return [port + stride * i for i in range(replicas)]
 
 
 def make_plan(
@@ -80,15 +103,20 @@ def make_plan(
 ) -> Plan:
     """`any_ports` ignores the topology's ports and picks free ones (tests)."""
 
-    def pick(port: int) -> int:
-        return free_port() if any_ports or not port else port
+    envoys = topology.edge.replicas
 
+    def per_envoy(port: int) -> list[int]:
+        return _replica_ports(port, envoys, any_ports, ENVOY_STRIDE)
+
+    edge_ports = per_envoy(topology.edge.port)
+    if edge_port is not None:
+        edge_ports[0] = edge_port
     return Plan(
         topology=topology,
-        edge_port=edge_port if edge_port is not None else pick(topology.edge.port),
-        admin_port=pick(topology.edge.admin_port),
-        redis_port=pick(topology.redis.port),
+        edge_ports=edge_ports,
+        admin_ports=per_envoy(topology.edge.admin_port),
+        redis_port=_replica_ports(topology.redis.port, 1, any_ports)[0],
         service_ports={name: _replica_ports(s.port, s.replicas, any_ports) for name, s in topology.services.items()},
-        mesh_ports={name: pick(s.mesh_port) for name, s in topology.services.items() if s.mesh_port is not None},
+        mesh_ports={name: per_envoy(s.mesh_port) for name, s in topology.services.items() if s.mesh_port is not None},
         descriptor_set=descriptor_set,
     )

