@@ -25,7 +25,6 @@ from envoy_data_plane.envoy.config.accesslog.v3 import (
     GrpcStatusFilter,
     GrpcStatusFilterStatus,
     OrFilter,
-    ResponseFlagFilter,
     StatusCodeFilter,
 )
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
@@ -42,6 +41,7 @@ from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutatio
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
     ApiVersion,
+    BackoffStrategy,
     ConfigSource,
     DataSource,
     GrpcService,
@@ -61,6 +61,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     WatchedDirectory,
 )
 from envoy_data_plane.envoy.config.core.v3 import RetryPolicy as GrpcRetryPolicy
+from envoy_data_plane.envoy.config.core.v3 import RetryPolicyRetryHostPredicate as GrpcRetryHostPredicate
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
 from envoy_data_plane.envoy.config.rbac.v3 import (
@@ -77,6 +78,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
     RateLimitAction,
     RateLimitActionRequestHeaders,
     RetryPolicy,
+    RetryPolicyRetryBackOff,
     RetryPolicyRetryHostPredicate,
     Route,
     RouteAction,
@@ -106,10 +108,8 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpConnectionManagerCodecType,
     HttpConnectionManagerTracing,
     HttpFilter,
-    LocalReplyConfig,
-    ResponseMapper,
 )
-from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate
+from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate as PreviousHosts
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     CertificateValidationContext,
     CommonTlsContext,
@@ -154,6 +154,20 @@ TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
 # google.rpc.Status as JSON) into OpenAI's error shape, with `code` from the
 # ErrorInfo reason a service attached (e.g. insufficient_quota). Bodies that
 # are not a transcoded status (auth's denials are OpenAI-shaped already) pass.
+RATE_LIMITED = json.dumps(
+    {
+        "error": {
+            "message": "too many requests for this tenant at this edge; retry shortly",
+            "type": "rate_limit_error",
+            "param": None,
+            "code": "rate_limit_exceeded",
+        }
+    }
+)
+# The local rate limit's own reply is plain text; the Lua (which runs before it
+# in the chain, so sees its reply) puts it in OpenAI's shape.
+LOCAL_RATE_LIMITED = "local_rate_limited"
+
 EDGE_LUA = f"""
 local TYPES = {{["400"] = "invalid_request_error", ["401"] = "invalid_request_error",
   ["403"] = "permission_error", ["404"] = "invalid_request_error", ["409"] = "invalid_request_error",
@@ -183,10 +197,21 @@ function envoy_on_request(handle)
   end
 end
 
+local RATE_LIMITED = [[{RATE_LIMITED}]]
+
 function envoy_on_response(handle)
   local headers = handle:headers()
   local status = headers:get(":status") or "200"
   if tonumber(status) < 400 then
+    return
+  end
+  if status == "429" and string.find(headers:get("content-type") or "", "text/plain", 1, true) then
+    local body = handle:body()
+    if body ~= nil and body:getBytes(0, body:length()) == "{LOCAL_RATE_LIMITED}" then
+      body:setBytes(RATE_LIMITED)
+      handle:headers():replace("content-type", "application/json")
+      handle:headers():replace("content-length", tostring(#RATE_LIMITED))
+    end
     return
   end
   if not string.find(headers:get("content-type") or "", "application/json", 1, true) then
@@ -326,16 +351,18 @@ def _http_filter(name: str, config: object) -> HttpFilter:
     return HttpFilter(name=name, typed_config=Any.pack(config))  # type: ignore[arg-type]
 
 
+PREVIOUS_HOSTS = "envoy.retry_host_predicates.previous_hosts"
+
+
 def _retry_policy(policy: TopologyRetry) -> RetryPolicy:
     return RetryPolicy(
         retry_on=",".join(policy.retry_on),
         num_retries=policy.num_retries,
         per_try_timeout=policy.per_try_timeout,
+        retry_back_off=RetryPolicyRetryBackOff(base_interval=policy.backoff_base, max_interval=policy.backoff_max),
         # A retry goes to another replica when there is one.
         retry_host_predicate=[
-            RetryPolicyRetryHostPredicate(
-                name="envoy.retry_host_predicates.previous_hosts", typed_config=Any.pack(PreviousHostsPredicate())
-            )
+            RetryPolicyRetryHostPredicate(name=PREVIOUS_HOSTS, typed_config=Any.pack(PreviousHosts()))
         ],
         host_selection_retry_max_attempts=3,
     )
@@ -447,16 +474,6 @@ UNAUTHENTICATED_IDENTITY = {"x-mariana-tenant": "anonymous", "x-mariana-key-id":
 
 
 NOT_FOUND = json.dumps({"error": {"message": "no such endpoint", "type": "invalid_request_error", "code": "not_found"}})
-RATE_LIMITED = json.dumps(
-    {
-        "error": {
-            "message": "too many requests for this tenant at this edge; retry shortly",
-            "type": "rate_limit_error",
-            "param": None,
-            "code": "rate_limit_exceeded",
-        }
-    }
-)
 TENANT_HEADER = "x-mariana-tenant"
 
 
@@ -492,10 +509,17 @@ def _edge_routes(plan: Plan) -> list[Route]:
 def _ext_authz(plan: Plan) -> ExtAuthz:
     edge = plan.topology.edge
     retry = edge.ext_authz_retry
-    policy = GrpcRetryPolicy(retry_on=",".join(retry.retry_on), num_retries=retry.num_retries)
+    policy = GrpcRetryPolicy(
+        retry_on=",".join(retry.retry_on),
+        num_retries=retry.num_retries,
+        retry_back_off=BackoffStrategy(base_interval=retry.backoff_base, max_interval=retry.backoff_max),
+        # least-request would pick a dead replica (it has no requests) again
+        retry_host_predicate=[GrpcRetryHostPredicate(name=PREVIOUS_HOSTS, typed_config=Any.pack(PreviousHosts()))],
+        host_selection_retry_max_attempts=3,
+    )
     return ExtAuthz(
         grpc_service=GrpcService(
-            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name="auth", retry_policy=policy), timeout=edge.ext_authz_timeout
+            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name="auth"), timeout=edge.ext_authz_timeout, retry_policy=policy
         ),
         transport_api_version=ApiVersion.V3,
         failure_mode_allow=False,
@@ -524,21 +548,11 @@ def _tenant_rate_limit(plan: Plan) -> list[HttpFilter]:
         max_dynamic_descriptors=10_000,
         rate_limits=[RateLimit(actions=[RateLimitAction(request_headers=by_tenant)])],
         rate_limited_as_resource_exhausted=True,
+        # the buckets fill every second
+        response_headers_to_add=[HeaderValueOption(header=HeaderValue(key="retry-after", value="1"))],
         enable_x_ratelimit_headers=XRateLimitHeadersRfcVersion.DRAFT_VERSION_03,
     )
     return [_http_filter("envoy.filters.http.local_ratelimit", config)]
-
-
-def _local_replies() -> LocalReplyConfig:
-    """Envoy's own 429 in OpenAI's error shape."""
-    rate_limited = ResponseMapper(
-        filter=AccessLogFilter(response_flag_filter=ResponseFlagFilter(flags=["RL"])),
-        body=DataSource(inline_string=RATE_LIMITED),
-        body_format_override=SubstitutionFormatString(
-            text_format_source=DataSource(inline_string="%LOCAL_REPLY_BODY%"), content_type="application/json"
-        ),
-    )
-    return LocalReplyConfig(mappers=[rate_limited])
 
 
 def edge_listener(plan: Plan, index: int = 0, auth: bool = True) -> Listener:
@@ -563,13 +577,12 @@ def edge_listener(plan: Plan, index: int = 0, auth: bool = True) -> Listener:
         http_filters=[
             _http_filter("envoy.filters.http.header_mutation", strip_identity),
             *authz,
-            *_tenant_rate_limit(plan),
             _http_filter("envoy.filters.http.lua", Lua(default_source_code=DataSource(inline_string=EDGE_LUA))),
+            *_tenant_rate_limit(plan),
             _http_filter(TRANSCODER, _transcoder(plan, sse=False)),
             _http_filter("envoy.filters.http.router", Router()),
         ],
         access_log=_access_log("edge"),
-        local_reply_config=_local_replies(),
     )
     return Listener(
         name="edge",

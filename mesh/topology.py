@@ -36,6 +36,9 @@ class RetryPolicy(Strict):
     retry_on: list[str] = Field(default_factory=lambda: ["connect-failure", "refused-stream"])
     num_retries: int = Field(1, ge=0, le=10)
     per_try_timeout: Duration | None = None
+    # Jittered exponential back-off between tries.
+    backoff_base: Duration = timedelta(milliseconds=25)
+    backoff_max: Duration = timedelta(milliseconds=250)
 
 
 class RetryBudget(Strict):
@@ -43,7 +46,7 @@ class RetryBudget(Strict):
     budget): a failing upstream is not hit with num_retries times its load."""
 
     budget_percent: float = Field(20.0, gt=0, le=100)
-    min_retry_concurrency: int = Field(3, ge=0)
+    min_retry_concurrency: int = Field(10, ge=0)
 
 
 class CircuitBreaker(Strict):
@@ -122,7 +125,15 @@ class Edge(Strict):
     # Check only reads keys and takes a request from the caller's buckets: a
     # repeat after a crashed auth replica costs at most one extra request.
     ext_authz_retry: RetryPolicy = Field(
-        default_factory=lambda: RetryPolicy(retry_on=["reset", "connect-failure", "refused-stream"], num_retries=2)
+        default_factory=lambda: RetryPolicy(
+            retry_on=["reset", "connect-failure", "refused-stream"],
+            num_retries=2,
+            # the whole check has ext_authz_timeout: retries must come quickly.
+            # Envoy's gRPC client also takes backoff_max as each try's timeout,
+            # so it is half of ext_authz_timeout: one slow try leaves time for another.
+            backoff_base=timedelta(milliseconds=5),
+            backoff_max=timedelta(milliseconds=250),
+        )
     )
     tenant_rate_limit: TenantRateLimit | None = None
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import httpx
 import openai
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mariana.auth.v1 import auth_pb2, auth_pb2_grpc
 from mariana.llm.v1 import llm_pb2, llm_pb2_grpc
 from mariana.moderation.v1 import moderation_pb2, moderation_pb2_grpc
+from mesh.pki import CertFiles, mint_mesh
 from tests.e2e.conftest import MODEL, Platform, TenantKey, create_key_with_cli
 from tests.e2e.ledger import ledger_entries, wait_for_ledger
 
@@ -127,3 +131,44 @@ def test_mesh_listener_admits_a_declared_caller(platform: Platform) -> None:
         )
     assert reply.results[0].categories["pii"]
     assert reply.results[0].findings[0].kind == "email"
+
+
+def _credentials(certs: CertFiles, ca: CertFiles | None = None) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials((ca or certs).ca.read_bytes(), certs.key.read_bytes(), certs.cert.read_bytes())
+
+
+@pytest.mark.parametrize("service", ["auth", "router", "inference", "moderation", "billing"])
+def test_a_workload_calling_a_service_port_around_envoy_is_permission_denied(platform: Platform, service: str) -> None:
+    """A valid mesh certificate is not enough on a service's own port: only
+    Envoy may call there, so nothing gets around Envoy's RBAC (or ext_authz)."""
+    (port,) = platform.plan.service_ports[service]
+    caller = "billing" if service != "billing" else "router"
+    with grpc.secure_channel(f"127.0.0.1:{port}", _credentials(platform.plan.certs[caller])) as channel:
+        with pytest.raises(grpc.RpcError) as error:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+    with grpc.secure_channel(f"127.0.0.1:{port}", _credentials(platform.plan.certs["envoy"])) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("service", ["inference", "moderation", "billing"])
+def test_mesh_listener_refuses_a_certificate_from_another_ca(platform: Platform, service: str, tmp_path: Path) -> None:
+    """Same identity name (router), signed by a CA the mesh does not trust."""
+    foreign = mint_mesh(tmp_path, platform.plan.topology.trust_domain, ["router"])["router"]
+    credentials = _credentials(foreign, ca=platform.plan.certs["router"])
+    with grpc.secure_channel(platform.plan.mesh_target(service), credentials) as channel:
+        with pytest.raises(grpc.RpcError) as error:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+
+
+def test_the_tenant_backstop_is_in_front_of_the_router(platform: Platform, tenant_key: TenantKey) -> None:
+    """Envoy's per-tenant bucket announces itself on answers (the limit from the topology)."""
+    reply = httpx.get(
+        f"http://{platform.edge}/v1/models", headers={"Authorization": f"Bearer {tenant_key.secret}"}, timeout=30
+    )
+    assert reply.status_code == 200
+    limit = platform.plan.topology.edge.tenant_rate_limit
+    assert limit is not None
+    assert reply.headers["x-ratelimit-limit"].split(",")[0] == str(limit.burst)
