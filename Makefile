@@ -9,9 +9,9 @@ STAMP := $(VENV)/.installed
 MODEL_DIR := .data/models/smollm2-135m-instruct
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup venv system-packages bench-tools protos model run test test-unit test-e2e lint clean
+.PHONY: setup venv system-packages schemas bench-tools protos model run test test-unit test-e2e lint clean kubernetes
 
-setup: venv system-packages protos model
+setup: venv system-packages schemas protos model
 
 venv: $(STAMP)
 
@@ -32,10 +32,26 @@ system-packages:
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	{ command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || missing="$$missing postgresql"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
 	if [ -n "$$missing" ]; then \
 		echo "[setup] installing$$missing with apt ..."; \
 		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
 	fi
+
+# Istio's CRD schemas (compiled, from the npm registry) for the test that
+# validates the rendered Kubernetes + Istio manifests; Kubernetes' own schemas
+# come with the kubernetes-validate wheel.
+SCHEMAS := tools/istio-schemas
+schemas: $(SCHEMAS)/node_modules/.installed
+
+$(SCHEMAS)/node_modules/.installed: $(SCHEMAS)/package-lock.json
+	@echo "[setup] installing Istio's schemas (npm ci) ..."
+	cd $(SCHEMAS) && npm ci --no-audit --no-fund
+	touch $@
+
+# Kubernetes + Istio manifests of the mesh, from mesh/topology.yaml.
+kubernetes: setup
+	$(PY) -m mesh.kubernetes --out build/kubernetes
 
 # Only for the load benchmarks under bench/: wrk drives HTTP/1.1, py-spy profiles.
 bench-tools: $(STAMP)

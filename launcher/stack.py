@@ -20,6 +20,7 @@ from mesh.envoy_config import write_bootstrap
 from mesh.pki import mint_mesh, rotate_workloads
 from mesh.plan import ENVOY_IDENTITY, Plan, free_port, make_plan
 from mesh.topology import load_topology
+from mesh.wiring import upstream_settings
 
 DESCRIPTOR_SET = REPO / "build" / "mariana.pb"
 OPERATOR = "operator"  # the launcher's own identity, for health probes
@@ -68,16 +69,6 @@ class Stack:
             env["MARIANA_MASTER_KEY"] = self.settings.master_key.get_secret_value()
         return env
 
-    def _upstreams(self) -> dict[str, str]:
-        """The inference deployments the router may call, by name -> mesh target."""
-        assert self.plan is not None
-        services = self.plan.topology.services
-        return {
-            name: self.plan.mesh_target(name)
-            for name, service in services.items()
-            if service.program_of(name) == "inference" and "router" in service.callers
-        }
-
     def _service_env(self, name: str, port: int) -> dict[str, str]:
         assert self.plan is not None
         certs = self.plan.certs[name]
@@ -99,20 +90,18 @@ class Stack:
             "auth": {
                 "DATABASE": data / "auth" / "keys.db",
                 "PEPPER_FILE": data / "auth" / "pepper",
-                "BILLING_TARGET": self.plan.mesh_target("billing"),
             },
             "moderation": {"POLICY_FILE": self._moderation_policy()},
             "billing": {"DATABASE": data / "billing" / "ledger.db", "CONSUMER_NAME": f"billing-{port}"},
             "inference": {"MODEL_DIR": self.settings.resolved_model_dir(), "BACKEND": self.settings.inference_backend},
             "router": {
-                "UPSTREAMS": json.dumps(self._upstreams()),
-                "MODERATION_TARGET": self.plan.mesh_target("moderation"),
                 "TOKENIZER_DIR": self.settings.resolved_model_dir(),
                 "SPOOL_FILE": data / "router" / f"usage-spool-{port}.jsonl",
                 **({"CATALOG_FILE": self.settings.router_catalog} if self.settings.router_catalog else {}),
             },
         }
         env |= {prefix + k: str(v) for k, v in extra.get(program, {}).items()}
+        env |= {prefix + k: v for k, v in upstream_settings(self.plan.topology, name, self.plan.mesh_target).items()}
         env |= {prefix + k: v for k, v in service.settings.items()}
         return env
 

@@ -25,9 +25,9 @@ _OPTIONS = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.lb_policy_name", "round_robin"),
-    # Envoy's certificate names localhost; a multi-address target has no host name of its own.
-    ("grpc.ssl_target_name_override", "localhost"),
 )
+# Envoy's certificate names localhost; a multi-address target has no host name of its own.
+_TLS_OPTIONS = (*_OPTIONS, ("grpc.ssl_target_name_override", "localhost"))
 # Long enough for a whole generation to finish on the old channel.
 OLD_CHANNEL_GRACE_S = 600.0
 
@@ -65,7 +65,7 @@ class MeshChannel:
         self._retired: set[asyncio.Task[None]] = set()
 
     def _open(self) -> grpc.aio.Channel:
-        return grpc.aio.secure_channel(self._target, credentials_of(self._files.pair), options=_OPTIONS)
+        return grpc.aio.secure_channel(self._target, credentials_of(self._files.pair), options=_TLS_OPTIONS)
 
     def current(self) -> tuple[grpc.aio.Channel, int]:
         if self._files.refresh():
@@ -100,5 +100,8 @@ class MeshChannel:
 
 def mesh_channel(target: str, settings: ServiceSettings) -> Any:
     """One long-lived channel per upstream; never one per request. Typed Any:
-    stubs take it as a grpc.aio.Channel."""
-    return MeshChannel(target, CertificateFiles(settings.tls_cert, settings.tls_key, settings.tls_ca))
+    stubs take it as a grpc.aio.Channel. Without tls (behind a sidecar), a
+    plaintext channel: the sidecar does mTLS."""
+    if not settings.tls:
+        return grpc.aio.insecure_channel(target, options=_OPTIONS)
+    return MeshChannel(target, CertificateFiles(*settings.tls_files()))

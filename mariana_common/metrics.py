@@ -17,10 +17,11 @@ RPC_LATENCY = Histogram(
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
-def serve_metrics(port: int) -> None:
-    """/metrics on 127.0.0.1:`port` from a background thread (0: off)."""
+def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
+    """/metrics on host:`port` (the service's own address) from a background
+    thread (0: off)."""
     if port:
-        start_http_server(port, addr="127.0.0.1")
+        start_http_server(port, addr=host)
 
 
 def observe_call(method: str, code: str, seconds: float) -> None:

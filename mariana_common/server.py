@@ -58,7 +58,7 @@ def create_server(
     register: Registrar,
     service_names: Iterable[str],
 ) -> Server:
-    """Builds the server with mTLS; `register` adds the service's servicers to it."""
+    """Builds the server with mTLS (or plaintext behind a sidecar); `register` adds the service's servicers to it."""
     server = grpc.aio.server(
         interceptors=[ErrorStatusInterceptor(frozenset(settings.tls_peers))],
         options=[("grpc.so_reuseport", 0)],
@@ -68,8 +68,11 @@ def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = tuple(service_names)
     reflection.enable_server_reflection((*names, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
-    credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_ca)
-    port = server.add_secure_port(f"{settings.host}:{settings.port}", credentials)
+    address = f"{settings.host}:{settings.port}"
+    if settings.tls:
+        port = server.add_secure_port(address, server_credentials(*settings.tls_files()))
+    else:
+        port = server.add_insecure_port(address)
     return Server(server, port, health_servicer, names)
 
 
@@ -84,7 +87,7 @@ async def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await server.start()
-    serve_metrics(settings.metrics_port)
+    serve_metrics(settings.metrics_port, settings.host)
     if settings.port_file is not None:
         settings.port_file.write_text(str(server.port))
     log.info("serving", address=f"{settings.host}:{server.port}")

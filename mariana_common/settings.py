@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,9 +17,14 @@ class ServiceSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
     port: int = Field(0, ge=0, le=65535, description="Port; 0 picks a free one.")
-    tls_cert: Path = Field(..., description="PEM certificate of this service.")
-    tls_key: Path = Field(..., description="PEM private key of this service.")
-    tls_ca: Path = Field(..., description="PEM CA that signs every certificate in the mesh.")
+    tls: bool = Field(
+        True, description="false: plaintext inside the pod, where a sidecar (Istio) does mTLS for the service."
+    )
+    tls_cert: Path | None = Field(None, description="PEM certificate of this service (required with tls).")
+    tls_key: Path | None = Field(None, description="PEM private key of this service (required with tls).")
+    tls_ca: Path | None = Field(
+        None, description="PEM CA that signs every certificate in the mesh (required with tls)."
+    )
     tls_peers: list[str] = Field(
         default_factory=list,
         description="SPIFFE ids that may call this service (JSON list); empty: any certificate of the mesh CA.",
@@ -27,8 +32,18 @@ class ServiceSettings(BaseSettings):
     log_level: str = Field("info", description="debug, info, warning or error.")
     shutdown_grace_s: float = Field(30.0, ge=0, description="Time in-flight calls get to finish on SIGTERM.")
     port_file: Path | None = Field(None, description="When set, the bound port is written here once serving.")
-    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics on 127.0.0.1 here; 0 turns it off.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics on `host` here; 0 turns it off.")
     otlp_endpoint: str = Field("", description="host:port of an OTLP/gRPC trace collector; empty: no tracing.")
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> ServiceSettings:
+        if self.tls and (self.tls_cert is None or self.tls_key is None or self.tls_ca is None):
+            raise ValueError("tls needs tls_cert, tls_key and tls_ca (or tls=false behind a sidecar)")
+        return self
+
+    def tls_files(self) -> tuple[Path, Path, Path]:
+        assert self.tls_cert is not None and self.tls_key is not None and self.tls_ca is not None
+        return self.tls_cert, self.tls_key, self.tls_ca
 
 
 class RedisSettings(BaseSettings):

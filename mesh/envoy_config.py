@@ -414,26 +414,37 @@ def _thresholds(service: Service) -> CircuitBreakersThresholds:
     )
 
 
-def cluster(plan: Plan, name: str, service: Service) -> Cluster:
+def _upstream(plan: Plan, name: str) -> tuple[ClusterDiscoveryType, list[LbEndpoint], TransportSocket | None]:
+    """Locally: each replica's port, over mTLS as Envoy. On Kubernetes: the
+    service's DNS name in plaintext to the pod's sidecar, which does mTLS."""
+    if plan.service_dns:
+        address = _address(plan.service_ports[name][0], f"{name}.{plan.service_dns}")
+        return ClusterDiscoveryType.STRICT_DNS, [LbEndpoint(endpoint=Endpoint(address=address))], None
     endpoints = [LbEndpoint(endpoint=Endpoint(address=_address(port))) for port in plan.service_ports[name]]
-    protocol = HttpProtocolOptions(
-        explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
-    )
     upstream_tls = UpstreamTlsContext(
         common_tls_context=_tls_context(plan, [plan.topology.spiffe_id(name)]), sni="localhost"
+    )
+    tls = TransportSocket(name="envoy.transport_sockets.tls", typed_config=Any.pack(upstream_tls))
+    return ClusterDiscoveryType.STATIC, endpoints, tls
+
+
+def cluster(plan: Plan, name: str, service: Service) -> Cluster:
+    discovery, endpoints, transport_socket = _upstream(plan, name)
+    protocol = HttpProtocolOptions(
+        explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
     )
     outlier = service.outlier_detection
     health = service.health_check
     return Cluster(
         name=name,
-        type=ClusterDiscoveryType.STATIC,
+        type=discovery,
         connect_timeout=timedelta(seconds=1),
         lb_policy=_LB_POLICIES[service.lb_policy],
         load_assignment=ClusterLoadAssignment(
             cluster_name=name, endpoints=[LocalityLbEndpoints(lb_endpoints=endpoints)]
         ),
         typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(protocol)},
-        transport_socket=TransportSocket(name="envoy.transport_sockets.tls", typed_config=Any.pack(upstream_tls)),
+        transport_socket=transport_socket,
         circuit_breakers=CircuitBreakers(thresholds=[_thresholds(service)]),
         outlier_detection=EnvoyOutlierDetection(
             consecutive_5xx=outlier.consecutive_5xx,
@@ -458,7 +469,7 @@ def cluster(plan: Plan, name: str, service: Service) -> Cluster:
 
 def _transcoder(plan: Plan, *, sse: bool) -> GrpcJsonTranscoder:
     return GrpcJsonTranscoder(
-        proto_descriptor=str(plan.descriptor_set.resolve()),
+        proto_descriptor=plan.descriptor_mount or str(plan.descriptor_set.resolve()),
         services=[LLM_SERVICE, AUTH_ADMIN_SERVICE, BILLING_SERVICE],
         convert_grpc_status=True,
         print_options=GrpcJsonTranscoderPrintOptions(
@@ -586,7 +597,7 @@ def edge_listener(plan: Plan, index: int = 0, auth: bool = True) -> Listener:
     )
     return Listener(
         name="edge",
-        address=_address(plan.edge_ports[index]),
+        address=_address(plan.edge_ports[index], plan.listen_host),
         filter_chains=[FilterChain(filters=[_network_filter(manager)])],
     )
 
@@ -680,9 +691,9 @@ def render_bootstrap(plan: Plan, index: int = 0, edge_auth: bool = True) -> Boot
     ext_authz (and asserts an anonymous identity): for measuring what auth
     costs, never for serving."""
     services = plan.topology.services
-    listeners = [edge_listener(plan, index, edge_auth)] + [
-        mesh_listener(plan, name, s, index) for name, s in services.items() if name in plan.mesh_ports
-    ]
+    listeners = [edge_listener(plan, index, edge_auth)]
+    if not plan.service_dns:  # on Kubernetes, Istio's sidecars are the mesh
+        listeners += [mesh_listener(plan, name, s, index) for name, s in services.items() if name in plan.mesh_ports]
     clusters = [cluster(plan, name, s) for name, s in services.items()]
     if plan.otlp_endpoint:
         clusters.append(collector_cluster(plan))
@@ -708,12 +719,18 @@ def _fix_json_names(node: object) -> object:
     return node
 
 
+def bootstrap_json(plan: Plan, index: int = 0, edge_auth: bool = True) -> str:
+    return _json(render_bootstrap(plan, index, edge_auth))
+
+
 def _json(message: object) -> str:
     return json.dumps(_fix_json_names(message.to_dict()), indent=1)  # type: ignore[attr-defined]
 
 
 def write_sds_files(plan: Plan) -> None:
     """The SDS files the bootstraps point at (one per secret, next to the certificates)."""
+    if plan.service_dns:
+        return
     for name, secret in sds_secrets(plan).items():
         resource = json.loads(_json(Any.pack(secret)))
         sds_file(plan, name).write_text(json.dumps({"resources": [resource]}, indent=1))
@@ -722,5 +739,5 @@ def write_sds_files(plan: Plan) -> None:
 def write_bootstrap(plan: Plan, path: Path, index: int = 0, edge_auth: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_sds_files(plan)
-    path.write_text(_json(render_bootstrap(plan, index, edge_auth)))
+    path.write_text(bootstrap_json(plan, index, edge_auth))
     return path

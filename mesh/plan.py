@@ -62,6 +62,11 @@ class Plan:
     certs: dict[str, CertFiles] = field(default_factory=dict)
     # host:port of an OTLP/gRPC trace collector; empty: Envoy does not trace.
     otlp_endpoint: str = ""
+    # On Kubernetes: services are `<name>.<service_dns>` (a sidecar does mTLS),
+    # the edge listens on all addresses and reads the descriptor set from a mount.
+    service_dns: str = ""
+    listen_host: str = "127.0.0.1"
+    descriptor_mount: str = ""
 
     @property
     def edge_port(self) -> int:

@@ -73,6 +73,24 @@ class HealthCheck(Strict):
     healthy_threshold: int = Field(1, gt=0)
 
 
+class Resources(Strict):
+    """A pod's requests and limits on Kubernetes."""
+
+    cpu: str = "250m"
+    memory: str = "256Mi"
+    memory_limit: str = "512Mi"
+
+
+class Autoscaling(Strict):
+    """The HPA on Kubernetes: CPU, and optionally a per-pod queue metric the
+    service exports (served to the HPA by a custom-metrics adapter)."""
+
+    max_replicas: int = Field(4, ge=1)
+    cpu_utilization: int = Field(70, gt=0, le=100)
+    queue_metric: str | None = None
+    queue_target: int = Field(4, gt=0)
+
+
 class Service(Strict):
     # Which service program runs it (a package under services/); default: the
     # service's own name. Two deployments of one program (say a primary and a
@@ -102,6 +120,8 @@ class Service(Strict):
     circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
     outlier_detection: OutlierDetection = Field(default_factory=OutlierDetection)
     health_check: HealthCheck = Field(default_factory=HealthCheck)
+    resources: Resources = Field(default_factory=Resources)
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
 
     def program_of(self, name: str) -> str:
         return self.program or name
