@@ -144,16 +144,9 @@ CHAT_PATH = "/v1/chat/completions"
 CHAT_STREAM_PATH = CHAT_PATH + ":stream"
 TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
 
-# OpenAI serves streamed and unary chat on one path and tells them apart by the
-# body's "stream" field; gRPC needs two methods. This sends a streaming request
-# to the streaming method's path. A quote inside a JSON string is escaped
-# (\"), so the pattern cannot match text inside a message.
-# The edge's Lua: on requests, sends `"stream": true` chat bodies to the
-# streaming RPC (OpenAI uses one path for both; gRPC needs two methods); on
-# responses, turns the transcoder's error body ({"code", "message", "details"},
-# google.rpc.Status as JSON) into OpenAI's error shape, with `code` from the
-# ErrorInfo reason a service attached (e.g. insufficient_quota). Bodies that
-# are not a transcoded status (auth's denials are OpenAI-shaped already) pass.
+# Envoy's per-tenant rate limit answers in plain text; the edge's Lua (which
+# runs before it in the chain, so sees its reply) puts it in OpenAI's shape.
+LOCAL_RATE_LIMITED = "local_rate_limited"
 RATE_LIMITED = json.dumps(
     {
         "error": {
@@ -164,10 +157,15 @@ RATE_LIMITED = json.dumps(
         }
     }
 )
-# The local rate limit's own reply is plain text; the Lua (which runs before it
-# in the chain, so sees its reply) puts it in OpenAI's shape.
-LOCAL_RATE_LIMITED = "local_rate_limited"
 
+# The edge's Lua: on requests, sends `"stream": true` chat bodies to the
+# streaming RPC (OpenAI uses one path for both; gRPC needs two methods; a quote
+# inside a JSON string is escaped, so the pattern cannot match text inside a
+# message); on responses, turns the transcoder's error body ({"code",
+# "message", "details"}, google.rpc.Status as JSON) into OpenAI's error shape,
+# with `code` from the ErrorInfo reason a service attached (e.g.
+# insufficient_quota), and the rate limit's text reply likewise. Bodies that
+# are not a transcoded status (auth's denials are OpenAI-shaped already) pass.
 EDGE_LUA = f"""
 local TYPES = {{["400"] = "invalid_request_error", ["401"] = "invalid_request_error",
   ["403"] = "permission_error", ["404"] = "invalid_request_error", ["409"] = "invalid_request_error",
