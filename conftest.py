@@ -3,6 +3,7 @@ real redis-server on a free port."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import time
@@ -59,7 +60,9 @@ def flush_redis(redis_url: str) -> str:
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    path = Path(__file__).parent / ".data" / "models" / "smollm2-135m-instruct"
+    """`make model`'s checkpoint; under Bazel, the copy the test's data brings."""
+    given = os.environ.get("MARIANA_TEST_MODEL_DIR")  # a file of it (Bazel: its config.json)
+    path = Path(given).parent if given else Path(__file__).parent / ".data" / "models" / "smollm2-135m-instruct"
     if not (path / "config.json").exists():
         pytest.fail(f"no model at {path}; `make model` prepares it")
     return path

@@ -6,6 +6,8 @@ the topology says."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -35,14 +37,29 @@ def by_kind(manifests: list[Manifest], kind: str) -> dict[str, Manifest]:
     return {m["metadata"]["name"]: m for m in manifests if m["kind"] == kind}
 
 
-def istio_validate(resources: list[Manifest]) -> tuple[int, list[dict[str, Any]]]:
+@pytest.fixture(scope="module")
+def schemas(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tools/istio-schemas as `make schemas` set it up; under Bazel, the script
+    beside the node_modules the test's data brings (ES modules are found next
+    to the script, never through NODE_PATH)."""
+    marker = os.environ.get("MARIANA_ISTIO_SCHEMAS_MARKER")  # node_modules/@kubernetes-models/istio/package.json
+    if not marker:
+        return ISTIO_SCHEMAS
+    directory = tmp_path_factory.mktemp("istio-schemas")
+    shutil.copy(ISTIO_SCHEMAS / "validate.mjs", directory)
+    shutil.copy(ISTIO_SCHEMAS / "package.json", directory)
+    (directory / "node_modules").symlink_to(Path(marker).resolve().parents[2])
+    return directory
+
+
+def istio_validate(schemas: Path, resources: list[Manifest]) -> tuple[int, list[dict[str, Any]]]:
     result = subprocess.run(
-        ["node", str(ISTIO_SCHEMAS / "validate.mjs")],
+        ["node", str(schemas / "validate.mjs")],
         input=json.dumps(resources),
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=ISTIO_SCHEMAS,
+        cwd=schemas,
     )
     assert result.stdout, result.stderr
     return result.returncode, [json.loads(line) for line in result.stdout.splitlines()]
@@ -70,9 +87,9 @@ def test_the_kubernetes_validation_catches_a_mistake(manifests: list[Manifest]) 
         kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
 
 
-def test_istio_resources_match_istios_schemas(manifests: list[Manifest]) -> None:
+def test_istio_resources_match_istios_schemas(manifests: list[Manifest], schemas: Path) -> None:
     istio = [m for m in manifests if ".istio.io/" in m["apiVersion"]]
-    code, results = istio_validate(istio)
+    code, results = istio_validate(schemas, istio)
     assert [r for r in results if r["error"]] == []
     assert code == 0
     assert {r["kind"] for r in results} == {
@@ -83,10 +100,10 @@ def test_istio_resources_match_istios_schemas(manifests: list[Manifest]) -> None
     }
 
 
-def test_the_istio_validation_catches_a_mistake(manifests: list[Manifest]) -> None:
+def test_the_istio_validation_catches_a_mistake(manifests: list[Manifest], schemas: Path) -> None:
     rule = json.loads(json.dumps(by_kind(manifests, "DestinationRule")["inference"]))
     rule["spec"]["trafficPolicy"]["loadBalancer"]["simple"] = "FASTEST"
-    code, results = istio_validate([rule])
+    code, results = istio_validate(schemas, [rule])
     assert code == 1 and "allowed values" in results[0]["error"]
 
 
