@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 MODEL_DIR := .data/models/smollm2-135m-instruct
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup venv system-packages schemas bench-tools protos model run test test-unit test-e2e lint clean kubernetes
+.PHONY: setup venv system-packages schemas bench-tools protos model run test test-unit test-e2e lint clean kubernetes bazel bazel-test
 
 setup: venv system-packages schemas protos model
 
@@ -53,6 +53,16 @@ $(SCHEMAS)/node_modules/.installed: $(SCHEMAS)/package-lock.json
 kubernetes: setup
 	$(PY) -m mesh.kubernetes --out build/kubernetes
 
+# Bazel: Debian's bazel-bootstrap (4.2.3, the newest that installs here; it
+# fetches nothing: see WORKSPACE). Its Python is the project's venv, so
+# `make setup` comes first. The server is shut down after the run.
+bazel:
+	@command -v bazel >/dev/null || { echo "[setup] installing Bazel (bazel-bootstrap) with apt ..."; \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends bazel-bootstrap; }
+
+bazel-test: setup bazel
+	bazel test //... ; status=$$?; bazel shutdown; exit $$status
+
 # Only for the load benchmarks under bench/: wrk drives HTTP/1.1, py-spy profiles.
 bench-tools: $(STAMP)
 	@command -v wrk >/dev/null || { echo "[bench] installing wrk with apt ..."; $(SUDO) apt-get install -y -q wrk; }
@@ -68,7 +78,7 @@ model: $(STAMP)
 run: setup
 	$(PY) -m launcher
 
-test: setup lint
+test: setup lint bazel-test
 	$(PY) -m pytest
 
 test-unit: setup
