@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 MODEL_DIR := .data/models/smollm2-135m-instruct
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup venv system-packages schemas bench-tools protos model run test test-unit test-e2e lint clean kubernetes bazel bazel-test
+.PHONY: setup venv system-packages schemas bench-tools protos model run test test-unit test-e2e lint clean kubernetes bazel bazel-test image-debs images
 
 setup: venv system-packages schemas protos model
 
@@ -62,6 +62,19 @@ bazel:
 
 bazel-test: setup bazel
 	bazel test //... ; status=$$?; bazel shutdown; exit $$status
+
+# Container images (Bazel, on demand): the base layer's Debian packages are
+# downloaded with apt, then Bazel builds each service's OCI image offline and
+# tools/images/run_image.py starts one with runc until it answers SERVING.
+IMAGE_TOOLS := runc umoci skopeo
+image-debs:
+	@mkdir -p .data/debs
+	cd .data/debs && apt-get download $$(grep -v '^#' ../../tools/images/debian-packages.txt)
+
+images: setup bazel image-debs
+	@for tool in $(IMAGE_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then $(SUDO) apt-get install -y -q --no-install-recommends $$missing; fi
+	bazel build //services/auth:image //services/billing:image //services/inference:image //services/moderation:image //services/router:image
 
 # Only for the load benchmarks under bench/: wrk drives HTTP/1.1, py-spy profiles.
 bench-tools: $(STAMP)

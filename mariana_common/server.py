@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from mariana_common.interceptors import Context, ErrorStatusInterceptor
 from mariana_common.metrics import serve_metrics
 from mariana_common.settings import ServiceSettings
-from mariana_common.tls import server_credentials
+from mariana_common.tls import server_credentials, uri_names
 
 __all__ = ["Context", "Registrar", "Server", "create_server", "run", "serve"]
 
@@ -59,8 +59,11 @@ def create_server(
     service_names: Iterable[str],
 ) -> Server:
     """Builds the server with mTLS (or plaintext behind a sidecar); `register` adds the service's servicers to it."""
+    peers = frozenset(settings.tls_peers)
+    if peers and settings.tls:  # a service may ask itself (its container's health check)
+        peers |= uri_names(settings.tls_files()[0])
     server = grpc.aio.server(
-        interceptors=[ErrorStatusInterceptor(frozenset(settings.tls_peers))],
+        interceptors=[ErrorStatusInterceptor(peers)],
         options=[("grpc.so_reuseport", 0)],
     )
     register(server)

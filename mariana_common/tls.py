@@ -76,6 +76,16 @@ class CertificateFiles:
         return True
 
 
+def uri_names(cert: Path) -> frozenset[str]:
+    """The URI names (SPIFFE ids) a certificate carries."""
+    certificate = x509.load_pem_x509_certificate(cert.read_bytes())
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return frozenset()
+    return frozenset(names.get_values_for_type(x509.UniformResourceIdentifier))
+
+
 def server_credentials(cert: Path, key: Path, ca: Path) -> grpc.ServerCredentials:
     """Client certificates required; each new handshake uses the current files."""
     files = CertificateFiles(cert, key, ca)

@@ -12,9 +12,12 @@ the same Envoy as locally (ext_authz, transcoder, Lua, tenant rate limit),
 its bootstrap rendered by mesh/envoy_config.py with DNS upstreams, in the
 mesh with a sidecar of its own; a LoadBalancer Service in front.
 
-    python -m mesh.kubernetes --out deploy/kubernetes [--images images.json]
+    python -m mesh.kubernetes --out build/kubernetes [--images images.json]
+        [--image-digest PROGRAM=FILE ...] [--repository mariana]
 
-`images.json` maps program -> image reference (by digest: name@sha256:...)."""
+`images.json` maps program -> image reference; `--image-digest` reads the
+digest Bazel wrote for a program's image (`bazel build //deploy:kubernetes`
+does this for every service), giving `<repository>/<program>@sha256:...`."""
 
 from __future__ import annotations
 
@@ -417,12 +420,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "build" / "kubernetes")
     parser.add_argument("--topology", type=Path, default=None)
+    parser.add_argument("--descriptor-set", type=Path, default=REPO / "build" / "mariana.pb")
     parser.add_argument("--images", type=Path, default=None, help="JSON: program -> image reference")
+    parser.add_argument("--image-digest", action="append", default=[], metavar="PROGRAM=FILE")
+    parser.add_argument("--repository", default="mariana", help="where the images are pushed, e.g. registry/mariana")
     parser.add_argument("--namespace", default=NAMESPACE)
     args = parser.parse_args()
     topology = load_topology(args.topology) if args.topology else load_topology()
     images = json.loads(args.images.read_text()) if args.images else {}
-    path = write(render(topology, REPO / "build" / "mariana.pb", images, args.namespace), args.out)
+    for pair in args.image_digest:
+        program, _, digest_file = pair.partition("=")
+        images[program] = f"{args.repository}/{program}@{Path(digest_file).read_text().strip()}"
+    path = write(render(topology, args.descriptor_set, images, args.namespace), args.out)
     print(f"wrote {path}")
 
 

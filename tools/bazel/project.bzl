@@ -25,6 +25,9 @@ py_runtime(
     name = "runtime",
     interpreter_path = "{python}",
     python_version = "PY3",
+    # The launcher stub Bazel writes runs under the system python3, then
+    # starts the program with the venv's interpreter.
+    stub_shebang = "#!/usr/bin/env python3",
     visibility = ["//visibility:public"],
 )
 
@@ -89,6 +92,31 @@ filegroup(
 
 project_node_modules = repository_rule(
     implementation = _project_node_modules_impl,
+    attrs = {"path": attr.string(mandatory = True)},
+    local = True,
+)
+
+def _project_debs_impl(rctx):
+    directory = _workspace_root(rctx)
+    for part in rctx.attr.path.split("/"):
+        directory = directory.get_child(part)
+
+    # Missing is not an error here: only the (manual) image targets need them,
+    # and they say what to run.
+    if directory.exists:
+        rctx.symlink(directory, "debs")
+    else:
+        rctx.file("debs/.none", "")
+    rctx.file("BUILD.bazel", content = """\
+filegroup(
+    name = "debs",
+    srcs = glob(["debs/*.deb"]),
+    visibility = ["//visibility:public"],
+)
+""")
+
+project_debs = repository_rule(
+    implementation = _project_debs_impl,
     attrs = {"path": attr.string(mandatory = True)},
     local = True,
 )

@@ -1,0 +1,40 @@
+"""A container's health check: asks the service in this container, on its
+own port, whether it is SERVING (grpc.health.v1), with the service's own
+certificate when it serves TLS. Exit 0 when it is, 1 otherwise.
+
+    python -m mariana_common.healthcheck <program>
+"""
+
+from __future__ import annotations
+
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic_settings import SettingsConfigDict
+
+from mariana_common.settings import ServiceSettings
+from mariana_common.tls import channel_credentials
+
+
+def check(program: str) -> bool:
+    class Settings(ServiceSettings):
+        model_config = SettingsConfigDict(env_prefix=f"MARIANA_{program.upper()}_", extra="ignore", frozen=True)
+
+    settings = Settings()
+    target = f"127.0.0.1:{settings.port}"
+    if settings.tls:
+        options = (("grpc.ssl_target_name_override", "localhost"),)
+        channel = grpc.secure_channel(target, channel_credentials(*settings.tls_files()), options=options)
+    else:
+        channel = grpc.insecure_channel(target)
+    with channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if len(sys.argv) == 2 and check(sys.argv[1]) else 1)
