@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 MODEL_DIR := .data/models/smollm2-135m-instruct
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup venv system-packages schemas bench-tools protos model run test test-unit test-e2e lint clean kubernetes bazel bazel-test image-debs images
+.PHONY: setup venv system-packages schemas bench-tools protos model run test test-unit test-e2e lint clean kubernetes bazel bazel-test image-tools image-debs images image-proof
 
 setup: venv system-packages schemas protos model
 
@@ -63,18 +63,28 @@ bazel:
 bazel-test: setup bazel
 	bazel test //... ; status=$$?; bazel shutdown; exit $$status
 
-# Container images (Bazel, on demand): the base layer's Debian packages are
-# downloaded with apt, then Bazel builds each service's OCI image offline and
-# tools/images/run_image.py starts one with runc until it answers SERVING.
+# Container images: the base layer's Debian packages are downloaded with apt,
+# then Bazel builds each service's OCI image offline; tools/images/run_image.py
+# unpacks one (umoci), starts it with runc and waits until it answers SERVING.
 IMAGE_TOOLS := runc umoci skopeo
+image-tools:
+	@for tool in $(IMAGE_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then echo "[setup] installing$$missing with apt ..."; \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q --no-install-recommends $$missing; fi
+
 image-debs:
 	@mkdir -p .data/debs
+	@echo "[setup] downloading the images' Debian packages (apt-get download) ..."
 	cd .data/debs && apt-get download $$(grep -v '^#' ../../tools/images/debian-packages.txt)
 
-images: setup bazel image-debs
-	@for tool in $(IMAGE_TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
-	if [ -n "$$missing" ]; then $(SUDO) apt-get install -y -q --no-install-recommends $$missing; fi
-	bazel build //services/auth:image //services/billing:image //services/inference:image //services/moderation:image //services/router:image
+# Every service's image and the Kubernetes manifests that reference them by digest.
+images: setup bazel image-tools image-debs
+	bazel build //deploy:kubernetes ; status=$$?; bazel shutdown; exit $$status
+
+# The proof `make test` runs: one image built, started from the image, SERVING.
+image-proof: setup bazel image-tools image-debs
+	bazel build //services/moderation:image ; status=$$?; bazel shutdown; [ $$status -eq 0 ]
+	$(PY) -m tools.images.run_image moderation
 
 # Only for the load benchmarks under bench/: wrk drives HTTP/1.1, py-spy profiles.
 bench-tools: $(STAMP)
@@ -91,7 +101,7 @@ model: $(STAMP)
 run: setup
 	$(PY) -m launcher
 
-test: setup lint bazel-test
+test: setup lint bazel-test image-proof
 	$(PY) -m pytest
 
 test-unit: setup
