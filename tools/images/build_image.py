@@ -143,6 +143,10 @@ def app_layer(runfiles: list[tuple[str, Path]], packages: list[str]) -> tuple[La
             relative = str(file)
             if relative.startswith("..") or not source.is_file() or "__pycache__" in relative:
                 continue
+            # RECORD hashes the venv's own scripts (their shebangs name the venv's
+            # path): without it the layer is the same from any checkout.
+            if relative.endswith((".dist-info/RECORD", ".dist-info/direct_url.json")):
+                continue
             layer.add_file(f"{SITE_PACKAGES}/{relative}", source)
     return layer, [f"{d.metadata['Name']}=={d.version}" for d in dists]
 
