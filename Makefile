@@ -75,7 +75,8 @@ image-tools:
 image-debs:
 	@mkdir -p .data/debs
 	@echo "[setup] downloading the images' Debian packages (apt-get download) ..."
-	cd .data/debs && apt-get download $$(grep -v '^#' ../../tools/images/debian-packages.txt)
+	cd .data/debs && packages=$$(grep -v '^#' ../../tools/images/debian-packages.txt) && \
+		{ apt-get download $$packages || { $(SUDO) apt-get update -q && apt-get download $$packages; }; }
 
 # Every service's image and the Kubernetes manifests that reference them by digest.
 images: setup bazel image-tools image-debs
