@@ -59,8 +59,9 @@ def create_server(
     service_names: Iterable[str],
 ) -> Server:
     """Builds the server with mTLS (or plaintext behind a sidecar); `register` adds the service's servicers to it."""
-    peers = frozenset(settings.tls_peers)
-    if peers and settings.tls:  # a service may ask itself (its container's health check)
+    # Without TLS a sidecar authenticates callers (Istio's AuthorizationPolicy).
+    peers = frozenset(settings.tls_peers) if settings.tls else frozenset()
+    if peers:  # a service may ask itself (its container's health check)
         peers |= uri_names(settings.tls_files()[0])
     server = grpc.aio.server(
         interceptors=[ErrorStatusInterceptor(peers)],

@@ -4,6 +4,8 @@ gRPC clients: what each service refuses, and how statuses reach clients."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import ssl
 import subprocess
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
@@ -13,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from cryptography import x509
 from envoy_data_plane.envoy.service.auth.v3 import (
     AttributeContext,
     AttributeContextHttpRequest,
@@ -20,17 +23,19 @@ from envoy_data_plane.envoy.service.auth.v3 import (
     CheckRequest,
     CheckResponse,
 )
+from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from launcher.readiness import port_open, wait_until
 from mariana.billing.v1 import billing_pb2, billing_pb2_grpc
 from mariana.moderation.v1 import moderation_pb2, moderation_pb2_grpc
+from mariana_common.channels import mesh_channel
 from mariana_common.redis_client import redis_client
 from mariana_common.server import Server, create_server
 from mariana_common.settings import ServiceSettings
 from mariana_common.sql import Database
 from mariana_common.tls import channel_credentials
-from mesh.pki import CertFiles, mint_mesh
+from mesh.pki import CertFiles, mint_mesh, rotate_workloads
 from mesh.plan import free_port
 from services.auth import ext_authz
 from services.auth.authorizer import Authorizer
@@ -477,3 +482,86 @@ async def test_crossing_a_soft_budget_emits_one_alert(flush_redis: str, tmp_path
     assert fields[b"tenant_id"] == b"tenant-a" and fields[b"kind"] == b"soft_budget"
     assert int(fields[b"spent_micros"]) >= 15
     await client.aclose()
+
+
+async def check_moderation(channel: grpc.aio.Channel) -> moderation_pb2.CheckResponse:
+    stub = moderation_pb2_grpc.ModerationServiceStub(channel)
+    return await stub.Check(moderation_pb2.CheckRequest(texts=["mail x@example.com"]), timeout=5)
+
+
+async def test_behind_a_sidecar_a_service_serves_plaintext(pki: dict[str, CertFiles]) -> None:
+    """tls=false (Kubernetes + Istio): the sidecar does mTLS; the peer list does not apply."""
+    moderator = Moderator(ToxicityModel.load(), load_policy, ["bomb"])
+    settings = ServiceSettings(tls=False, port=0, tls_peers=["spiffe://mariana.local/envoy"])
+    server = create_server(settings, moderation_servicer.register(moderator), ["m"])
+    await server.start()
+    try:
+        plain = mesh_channel(f"127.0.0.1:{server.port}", settings)
+        reply = await check_moderation(plain)
+        await plain.close()
+    finally:
+        await server.stop(0)
+    assert reply.results[0].findings[0].kind == "email"
+    with pytest.raises(ValidationError, match="tls needs"):
+        ServiceSettings(port=0)
+
+
+async def test_only_listed_peers_and_the_service_itself_may_call(pki: dict[str, CertFiles]) -> None:
+    moderator = Moderator(ToxicityModel.load(), load_policy, ["bomb"])
+    settings = replace_settings(settings_for(pki["moderation"]), tls_peers=["spiffe://mariana.local/envoy"])
+    server = create_server(settings, moderation_servicer.register(moderator), ["m"])
+    await server.start()
+    target = f"127.0.0.1:{server.port}"
+    try:
+        for caller, allowed in (("envoy", True), ("moderation", True), ("router", False)):
+            async with grpc.aio.secure_channel(target, credentials(pki[caller])) as channel:
+                if allowed:
+                    assert (await check_moderation(channel)).results
+                else:
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await check_moderation(channel)
+                    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        await server.stop(0)
+
+
+def replace_settings(settings: ServiceSettings, **changes: object) -> ServiceSettings:
+    return ServiceSettings(**{**settings.model_dump(), **changes})
+
+
+def served_serial(port: int, caller: CertFiles) -> int:
+    context = ssl.create_default_context(cafile=str(caller.ca))
+    context.load_cert_chain(str(caller.cert), str(caller.key))
+    context.set_alpn_protocols(["h2"])
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", port), 5), server_hostname="localhost") as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+async def test_a_rotated_certificate_is_served_and_presented_without_a_restart(tmp_path: Path) -> None:
+    """The server takes new files at its next handshake; a mesh channel reopens
+    with its new files and keeps working."""
+    pki = mint_mesh(tmp_path, "mariana.local", ["moderation", "envoy", "router"])
+    moderator = Moderator(ToxicityModel.load(), load_policy, ["bomb"])
+    server = create_server(settings_for(pki["moderation"]), moderation_servicer.register(moderator), ["m"])
+    await server.start()
+    router_settings = settings_for(pki["router"])
+    channel = mesh_channel(f"127.0.0.1:{server.port}", router_settings)
+    try:
+        before = served_serial(server.port, pki["envoy"])
+        assert (await check_moderation(channel)).results
+        rotated = rotate_workloads(tmp_path, "mariana.local", ["moderation", "router"])
+        new_serial = x509.load_pem_x509_certificate(rotated["moderation"].cert.read_bytes()).serial_number
+        deadline = time.monotonic() + 10
+        while served_serial(server.port, pki["envoy"]) != new_serial:  # files are looked at once a second
+            assert time.monotonic() < deadline, "the server kept its old certificate"
+            await asyncio.sleep(0.2)
+        assert new_serial != before
+        for _ in range(30):  # the channel notices within a second, reopens, and calls still succeed
+            assert (await check_moderation(channel)).results
+            await asyncio.sleep(0.05)
+        assert channel.current()[1] >= 1  # it reopened
+    finally:
+        await channel.close()
+        await server.stop(0)
