@@ -6,7 +6,10 @@ plus its pinned Python distributions (the app layer). Also writes
 def _oci_image_impl(ctx):
     layout = ctx.actions.declare_directory(ctx.label.name)
     digest = ctx.actions.declare_file(ctx.label.name + ".digest")
-    runfiles = ctx.attr.binary[DefaultInfo].default_runfiles.files.to_list()
+    # The binary's launcher stub names the build machine's interpreter: the
+    # image starts `python3.11 -m services.<program>` instead.
+    stub = ctx.attr.binary[DefaultInfo].files_to_run.executable
+    runfiles = [f for f in ctx.attr.binary[DefaultInfo].default_runfiles.files.to_list() if f != stub]
     listing = ctx.actions.declare_file(ctx.label.name + ".runfiles.tsv")
     ctx.actions.write(listing, "".join(["%s\t%s\n" % (f.short_path, f.path) for f in runfiles]))
     debs = ctx.actions.declare_file(ctx.label.name + ".debs")
