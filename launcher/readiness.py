@@ -9,9 +9,9 @@ import urllib.request
 from collections.abc import Callable
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from launcher.processes import ManagedProcess
+from mariana_common.healthcheck import serving
 
 POLL_S = 0.1
 
@@ -41,15 +41,7 @@ def port_open(port: int) -> Callable[[], bool]:
 
 
 def grpc_serving(port: int, credentials: grpc.ChannelCredentials) -> Callable[[], bool]:
-    def check() -> bool:
-        with grpc.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
-            try:
-                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-            except grpc.RpcError:
-                return False
-        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-    return check
+    return lambda: serving(f"127.0.0.1:{port}", credentials, timeout_s=1)
 
 
 def envoy_clusters_healthy(admin_port: int, clusters: list[str]) -> Callable[[], bool]:

@@ -17,23 +17,26 @@ from mariana_common.settings import ServiceSettings
 from mariana_common.tls import channel_credentials
 
 
+def serving(target: str, credentials: grpc.ChannelCredentials | None, timeout_s: float = 2.0) -> bool:
+    """Whether the gRPC server at `target` says SERVING (plaintext without
+    credentials). Envoy's and the operator's certificates name localhost."""
+    options = (("grpc.ssl_target_name_override", "localhost"),)
+    channel = grpc.secure_channel(target, credentials, options) if credentials else grpc.insecure_channel(target)
+    with channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
 def check(program: str) -> bool:
     class Settings(ServiceSettings):
         model_config = SettingsConfigDict(env_prefix=f"MARIANA_{program.upper()}_", extra="ignore", frozen=True)
 
     settings = Settings()
-    target = f"127.0.0.1:{settings.port}"
-    if settings.tls:
-        options = (("grpc.ssl_target_name_override", "localhost"),)
-        channel = grpc.secure_channel(target, channel_credentials(*settings.tls_files()), options=options)
-    else:
-        channel = grpc.insecure_channel(target)
-    with channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-        except grpc.RpcError:
-            return False
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+    credentials = channel_credentials(*settings.tls_files()) if settings.tls else None
+    return serving(f"127.0.0.1:{settings.port}", credentials)
 
 
 if __name__ == "__main__":

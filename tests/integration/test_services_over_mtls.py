@@ -4,8 +4,6 @@ gRPC clients: what each service refuses, and how statuses reach clients."""
 from __future__ import annotations
 
 import asyncio
-import socket
-import ssl
 import subprocess
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
@@ -15,7 +13,6 @@ from pathlib import Path
 import grpc
 import pytest
 import redis.asyncio as aioredis
-from cryptography import x509
 from envoy_data_plane.envoy.service.auth.v3 import (
     AttributeContext,
     AttributeContextHttpRequest,
@@ -56,6 +53,7 @@ from services.router.spool import Spool
 from services.router.tests.test_gateway import make_gateway
 from services.router.upstreams import GrpcModeration
 from services.router.usage import RedisUsagePublisher
+from tests.tls_probe import serial_in_file, served_serial
 
 MASTER = "sk-integration-master-key"
 
@@ -508,7 +506,7 @@ async def test_behind_a_sidecar_a_service_serves_plaintext(pki: dict[str, CertFi
 
 async def test_only_listed_peers_and_the_service_itself_may_call(pki: dict[str, CertFiles]) -> None:
     moderator = Moderator(ToxicityModel.load(), load_policy, ["bomb"])
-    settings = replace_settings(settings_for(pki["moderation"]), tls_peers=["spiffe://mariana.local/envoy"])
+    settings = settings_for(pki["moderation"]).model_copy(update={"tls_peers": ["spiffe://mariana.local/envoy"]})
     server = create_server(settings, moderation_servicer.register(moderator), ["m"])
     await server.start()
     target = f"127.0.0.1:{server.port}"
@@ -525,20 +523,6 @@ async def test_only_listed_peers_and_the_service_itself_may_call(pki: dict[str, 
         await server.stop(0)
 
 
-def replace_settings(settings: ServiceSettings, **changes: object) -> ServiceSettings:
-    return ServiceSettings(**{**settings.model_dump(), **changes})
-
-
-def served_serial(port: int, caller: CertFiles) -> int:
-    context = ssl.create_default_context(cafile=str(caller.ca))
-    context.load_cert_chain(str(caller.cert), str(caller.key))
-    context.set_alpn_protocols(["h2"])
-    with context.wrap_socket(socket.create_connection(("127.0.0.1", port), 5), server_hostname="localhost") as tls:
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der).serial_number
-
-
 async def test_a_rotated_certificate_is_served_and_presented_without_a_restart(tmp_path: Path) -> None:
     """The server takes new files at its next handshake; a mesh channel reopens
     with its new files and keeps working."""
@@ -549,12 +533,13 @@ async def test_a_rotated_certificate_is_served_and_presented_without_a_restart(t
     router_settings = settings_for(pki["router"])
     channel = mesh_channel(f"127.0.0.1:{server.port}", router_settings)
     try:
-        before = served_serial(server.port, pki["envoy"])
+        envoy = pki["envoy"].cert, pki["envoy"].key, pki["envoy"].ca
+        before = served_serial(server.port, *envoy)
         assert (await check_moderation(channel)).results
         rotated = rotate_workloads(tmp_path, "mariana.local", ["moderation", "router"])
-        new_serial = x509.load_pem_x509_certificate(rotated["moderation"].cert.read_bytes()).serial_number
+        new_serial = serial_in_file(rotated["moderation"].cert)
         deadline = time.monotonic() + 10
-        while served_serial(server.port, pki["envoy"]) != new_serial:  # files are looked at once a second
+        while served_serial(server.port, *envoy) != new_serial:  # files are looked at once a second
             assert time.monotonic() < deadline, "the server kept its old certificate"
             await asyncio.sleep(0.2)
         assert new_serial != before

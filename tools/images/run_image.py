@@ -19,9 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+from launcher.settings import LauncherSettings
+from mariana_common.healthcheck import serving
 from mariana_common.tls import channel_credentials
 from mesh.pki import mint_mesh
 from mesh.plan import free_port
@@ -31,8 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 IMAGE_USER = 10001
 OPERATOR = "operator"
 # The router counts prompt tokens with the model's tokenizer (`make model`).
-MODEL = REPO / ".data" / "models" / "smollm2-135m-instruct"
-MODEL_MOUNT = "/models/smollm2-135m-instruct"
+MODEL = LauncherSettings().resolved_model_dir()
+MODEL_MOUNT = f"/models/{MODEL.name}"
 
 
 def run(*argv: str) -> str:
@@ -100,14 +99,9 @@ def bundle_for(
     spec_path.write_text(json.dumps(spec, indent=1))
 
 
-def serving(port: int, pki: Path) -> bool:
+def operator_serving(port: int, pki: Path) -> bool:
     credentials = channel_credentials(pki / f"{OPERATOR}.pem", pki / f"{OPERATOR}.key", pki / "ca.pem")
-    with grpc.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-        except grpc.RpcError:
-            return False
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+    return serving(f"127.0.0.1:{port}", credentials, timeout_s=1)
 
 
 def main() -> int:
@@ -143,7 +137,7 @@ def main() -> int:
         process = subprocess.Popen(["runc", "run", "-b", str(work / "bundle"), container], stdout=log, stderr=log)
         try:
             deadline = time.monotonic() + args.timeout
-            while not serving(port, pki):
+            while not operator_serving(port, pki):
                 if process.poll() is not None or time.monotonic() > deadline:
                     print((work / "container.log").read_text()[-3000:], file=sys.stderr)
                     print("[image] the container did not become SERVING", file=sys.stderr)
