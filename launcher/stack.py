@@ -20,7 +20,7 @@ from mesh.envoy_config import write_bootstrap
 from mesh.pki import mint_mesh, rotate_workloads
 from mesh.plan import ENVOY_IDENTITY, Plan, free_port, make_plan
 from mesh.topology import load_topology
-from mesh.wiring import upstream_settings
+from mesh.wiring import shared_engine_settings, upstream_settings
 
 DESCRIPTOR_SET = REPO / "build" / "mariana.pb"
 OPERATOR = "operator"  # the launcher's own identity, for health probes
@@ -91,7 +91,6 @@ class Stack:
                 "DATABASE": data / "auth" / "keys.db",
                 "PEPPER_FILE": data / "auth" / "pepper",
             },
-            "moderation": {"POLICY_FILE": self._moderation_policy()},
             "billing": {"DATABASE": data / "billing" / "ledger.db", "CONSUMER_NAME": f"billing-{port}"},
             "inference": {"MODEL_DIR": self.settings.resolved_model_dir(), "BACKEND": self.settings.inference_backend},
             "router": {
@@ -101,6 +100,9 @@ class Stack:
             },
         }
         env |= {prefix + k: str(v) for k, v in extra.get(program, {}).items()}
+        env |= shared_engine_settings(self.plan.topology, program)
+        if program in ("moderation", "router"):  # the router runs the moderation engine in process
+            env["MARIANA_MODERATION_POLICY_FILE"] = str(self._moderation_policy())
         env |= {prefix + k: v for k, v in upstream_settings(self.plan.topology, name, self.plan.mesh_target).items()}
         env |= {prefix + k: v for k, v in service.settings.items()}
         return env

@@ -35,7 +35,7 @@ from mesh.api import idempotent_paths
 from mesh.envoy_config import bootstrap_json
 from mesh.plan import Plan, make_plan
 from mesh.topology import EDGE, RetryPolicy, Service, Topology, load_topology
-from mesh.wiring import upstream_settings
+from mesh.wiring import shared_engine_settings, upstream_settings
 
 Manifest = dict[str, Any]
 
@@ -91,6 +91,7 @@ class Renderer:
             **service.settings,
         }
         env: list[Manifest] = [{"name": prefix + key, "value": value} for key, value in values.items()]
+        env += [{"name": key, "value": value} for key, value in shared_engine_settings(self.topology, program).items()]
         env.append({"name": "MARIANA_REDIS_URL", "value": f"redis://redis.{self.namespace}.svc.cluster.local:6379/0"})
         if program in ("auth", "billing"):
             secret = {"secretKeyRef": {"name": "mariana-databases", "key": program}}

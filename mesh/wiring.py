@@ -25,3 +25,11 @@ def upstream_settings(topology: Topology, name: str, target: Callable[[str], str
         }
         return {"UPSTREAMS": json.dumps(pools), "MODERATION_TARGET": target("moderation")}
     return {}
+
+
+def shared_engine_settings(topology: Topology, program: str) -> dict[str, str]:
+    """Whole environment names: the router runs the moderation engine in
+    process (its default), so it reads the moderation service's own settings."""
+    if program != "router":
+        return {}
+    return {"MARIANA_MODERATION_" + key: value for key, value in topology.services["moderation"].settings.items()}

@@ -14,6 +14,7 @@ from mariana.inference.v1 import inference_pb2 as pb
 from mariana.inference.v1 import inference_pb2_grpc as pb_grpc
 from mariana_common.errors import InvalidArgument, NotFound
 from mariana_common.server import Context, Registrar
+from services.inference.coalesce import Coalescer
 from services.inference.embedder import Embedder
 from services.inference.engine import ChatEngine, GenerationInput, Sampling
 from services.inference.metrics import TIME_TO_FIRST_TOKEN, TOKENS_GENERATED
@@ -66,18 +67,23 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> AsyncIterator[pb.GenerateResponse]:
         engine = self._engine(request.model)
-        sent, finished, started = 0, False, time.perf_counter()
+        sent, generated, finished, started = 0, 0, False, time.perf_counter()
+        whole = Coalescer() if request.whole_answer else None
         try:
             async with aclosing(engine.generate(generation_input(request))) as events:
-                async for event in events:
+                async for step in events:
+                    if not generated and step.completion_tokens:
+                        TIME_TO_FIRST_TOKEN.labels(request.model).observe(time.perf_counter() - started)
+                    generated = step.completion_tokens
+                    event = whole.add(step) if whole is not None else step
+                    if event is None:
+                        continue
                     usage = Usage(
                         prompt_tokens=event.prompt_tokens,
                         completion_tokens=event.completion_tokens,
                         total_tokens=event.prompt_tokens + event.completion_tokens,
                     )
                     finished = event.finish_reason is not None
-                    if not sent and event.completion_tokens:
-                        TIME_TO_FIRST_TOKEN.labels(request.model).observe(time.perf_counter() - started)
                     yield pb.GenerateResponse(
                         text=event.text,
                         finish_reason=event.finish_reason or "",
@@ -86,7 +92,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     )
                     sent = event.completion_tokens
         finally:
-            TOKENS_GENERATED.labels(request.model).inc(sent)
+            TOKENS_GENERATED.labels(request.model).inc(generated)
             if not finished:
                 # The caller went away (or the engine failed): what it was sent
                 # is what it can bill; the batch slot is freed at the next step.

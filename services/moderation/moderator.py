@@ -3,6 +3,7 @@ the tenant's policy takes, and the text with redactable spans replaced."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -18,6 +19,8 @@ from services.moderation.toxicity import ToxicityModel
 Direction = Literal["input", "output"]
 # How much preceding text the classifier reads with a text.
 CONTEXT_CHARS = 160
+# Batches longer than this are checked off the event loop, so one cannot stall the others.
+INLINE_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -94,3 +97,11 @@ class Moderator:
         """`contexts`: what came before each text (consecutive windows of one output)."""
         preceding = contexts if contexts is not None else [""] * len(texts)
         return [self.check(t, tenant_id, direction, c) for t, c in zip(texts, preceding, strict=True)]
+
+    async def check_batch(
+        self, texts: Sequence[str], tenant_id: str, direction: Direction, contexts: Sequence[str]
+    ) -> list[Verdict]:
+        """check_all for an event loop: a long batch runs in a worker thread."""
+        if sum(len(t) for t in texts) <= INLINE_CHARS:
+            return self.check_all(texts, tenant_id, direction, contexts)
+        return await asyncio.to_thread(self.check_all, texts, tenant_id, direction, contexts)

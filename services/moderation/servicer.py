@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
-from prometheus_client import Counter
 
 from mariana.moderation.v1 import moderation_pb2 as pb
 from mariana.moderation.v1 import moderation_pb2_grpc as pb_grpc
 from mariana_common.errors import InvalidArgument
 from mariana_common.server import Context, Registrar
+from services.moderation.metrics import count_verdicts
 from services.moderation.moderator import Direction, Moderator, Verdict
 from services.moderation.policy import Action
 
-VERDICTS = Counter(
-    "mariana_moderation_verdicts_total", "Texts checked, by direction and action.", ["direction", "action"]
-)
 SERVICE_NAME = "mariana.moderation.v1.ModerationService"
 MAX_TEXTS = 256
-# Long batches run off the event loop so one cannot stall the others.
-INLINE_CHARS = 4096
 
 ACTIONS = {
     Action.ALLOW: pb.ACTION_ALLOW,
@@ -64,12 +57,8 @@ class ModerationServicer(pb_grpc.ModerationServiceServicer):
             raise InvalidArgument(f"contexts has {len(request.contexts)} items for {len(request.texts)} texts")
         texts, tenant = list(request.texts), request.tenant_id
         contexts = list(request.contexts) or [request.context] * len(texts)
-        if sum(len(t) for t in texts) <= INLINE_CHARS:
-            verdicts = self._moderator.check_all(texts, tenant, direction, contexts)
-        else:
-            verdicts = await asyncio.to_thread(self._moderator.check_all, texts, tenant, direction, contexts)
-        for verdict in verdicts:
-            VERDICTS.labels(direction, verdict.action.name.lower()).inc()
+        verdicts = await self._moderator.check_batch(texts, tenant, direction, contexts)
+        count_verdicts(direction, verdicts)
         return pb.CheckResponse(results=[verdict_to_proto(v, request.decision_only) for v in verdicts])
 
 

@@ -45,7 +45,10 @@ def features(text: str) -> dict[int, float]:
 class ToxicityModel:
     categories: tuple[str, ...]
     bias: np.ndarray
-    weights: dict[int, np.ndarray]
+    # The weights of the buckets the training saw, one row each; `rows` maps
+    # a bucket to its row (any other bucket weighs nothing).
+    matrix: np.ndarray
+    rows: dict[int, int]
 
     @classmethod
     def load(cls, path: Path = MODEL_FILE) -> ToxicityModel:
@@ -53,15 +56,16 @@ class ToxicityModel:
         categories = tuple(raw["categories"])
         if set(categories) != set(TOXIC_CATEGORIES):
             raise ValueError(f"{path}: categories {categories} do not match {TOXIC_CATEGORIES}")
-        weights = {int(k): np.asarray(v, dtype=np.float32) for k, v in raw["weights"].items()}
-        return cls(categories, np.asarray(raw["bias"], dtype=np.float32), weights)
+        weights = {int(k): v for k, v in raw["weights"].items()}
+        matrix = np.asarray(list(weights.values()), dtype=np.float64).reshape(len(weights), len(categories))
+        rows = {bucket: row for row, bucket in enumerate(weights)}
+        return cls(categories, np.asarray(raw["bias"], dtype=np.float64), matrix, rows)
 
     def scores(self, text: str) -> dict[str, float]:
-        logits = self.bias.copy()
-        zero = None
-        for bucket, value in features(text).items():
-            row = self.weights.get(bucket, zero)
-            if row is not None:
-                logits += value * row
+        known = [(self.rows[b], v) for b, v in features(text).items() if b in self.rows]
+        logits = self.bias
+        if known:
+            rows, values = zip(*known, strict=True)
+            logits = logits + np.asarray(values) @ self.matrix[list(rows)]
         probabilities = 1.0 / (1.0 + np.exp(-logits))
-        return {c: float(p) for c, p in zip(self.categories, probabilities, strict=True)}
+        return dict(zip(self.categories, probabilities.tolist(), strict=True))

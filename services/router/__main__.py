@@ -8,11 +8,13 @@ from mariana_common.server import create_server, run, serve
 from services.billing.events import UsageStreamSettings
 from services.billing.prices import load_prices
 from services.billing.reservations import Reservations
+from services.moderation.settings import EngineSettings
 from services.router.admission import Admission, PromptCounter
 from services.router.cache import ResponseCache
 from services.router.catalog import PoolConfig, reloading_catalog
-from services.router.domain import Inference
+from services.router.domain import Inference, Moderation
 from services.router.gateway import Gateway
+from services.router.moderation_in_process import InProcessModeration
 from services.router.remote import OpenAICompatiblePool, read_key
 from services.router.routing import ModelRouter, pool_clients
 from services.router.servicer import SERVICE_NAME, register
@@ -29,7 +31,13 @@ async def main() -> None:
     catalog = reloading_catalog(settings.catalog_file)
     channels = {name: mesh_channel(target, settings) for name, target in settings.upstreams.items()}
     upstreams = {name: GrpcInference(channel, settings.inference_timeout_s) for name, channel in channels.items()}
-    moderation_channel = mesh_channel(settings.moderation_target, settings)
+    in_service = settings.moderation == "service"
+    moderation_channel = mesh_channel(settings.moderation_target, settings) if in_service else None
+    moderation: Moderation = (
+        GrpcModeration(moderation_channel, settings.moderation_timeout_s)
+        if moderation_channel is not None
+        else InProcessModeration(EngineSettings().moderator())
+    )
     client = redis_client(stream.redis_url)
     reservations = Reservations(client)
     usage = RedisUsagePublisher(client, stream.usage_stream, reservations, Spool(settings.spool_file))
@@ -43,7 +51,7 @@ async def main() -> None:
     gateway = Gateway(
         ModelRouter(catalog, pool_clients(upstreams, remote)),
         upstreams[settings.default_upstream],
-        GrpcModeration(moderation_channel, settings.moderation_timeout_s),
+        moderation,
         usage,
         settings.output_window_chars,
         ResponseCache(client, lambda: catalog().cache),
@@ -63,7 +71,8 @@ async def main() -> None:
         await usage.close(settings.shutdown_grace_s)
         for channel in channels.values():
             await channel.close(None)
-        await moderation_channel.close(None)
+        if moderation_channel is not None:
+            await moderation_channel.close(None)
         await client.aclose()
 
 

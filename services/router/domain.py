@@ -110,8 +110,10 @@ class UsageRecord:
 
 class Inference(Protocol):
     def generate(
-        self, request: GenerationRequest, request_id: str, timeout_s: float | None = None
-    ) -> AsyncGenerator[Piece, None]: ...
+        self, request: GenerationRequest, request_id: str, timeout_s: float | None = None, stream: bool = True
+    ) -> AsyncGenerator[Piece, None]:
+        """`stream=False`: the caller wants only the whole answer; the pieces
+        may come merged (the text in the last, a progress piece now and then)."""
 
     async def embed(self, model: str, texts: Sequence[str], request_id: str) -> tuple[list[list[float]], int]: ...
 

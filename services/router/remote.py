@@ -66,7 +66,7 @@ class OpenAICompatiblePool:
         self._client = client or httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=5.0))
 
     async def generate(
-        self, request: GenerationRequest, request_id: str, timeout_s: float | None = None
+        self, request: GenerationRequest, request_id: str, timeout_s: float | None = None, stream: bool = True
     ) -> AsyncGenerator[Piece, None]:
         headers = {**self._headers, "x-request-id": request_id}
         timeout = httpx.Timeout(timeout_s or self._timeout_s, connect=min(5.0, timeout_s or 5.0))

@@ -133,7 +133,8 @@ class ModelRouter:
             for state in order_pools(entry.policy, states, needed_context, self._rng):
                 route.model, route.pool, route.step = model, state.name, "primary" if step == 0 else "fallback"
                 route.breaker = state.breaker.state.value
-                outcome = self._try_pool(state, replace(request, model=state.config.model), request_id, route, deadline)
+                pooled = replace(request, model=state.config.model)
+                outcome = self._try_pool(state, pooled, request_id, route, deadline, stream)
                 try:
                     async with aclosing(outcome):
                         async for piece in outcome:
@@ -155,7 +156,13 @@ class ModelRouter:
         raise NoPoolCanServe(f"no pool can serve {public!r} now; retry later", RETRY_AFTER_S)
 
     async def _try_pool(
-        self, state: PoolState, request: GenerationRequest, request_id: str, route: Route, deadline: float | None
+        self,
+        state: PoolState,
+        request: GenerationRequest,
+        request_id: str,
+        route: Route,
+        deadline: float | None,
+        stream: bool = True,
     ) -> AsyncGenerator[Piece, None]:
         """The pool's answer, with retries; _PoolFailed when it cannot give one."""
         if not state.breaker.allow():
@@ -177,7 +184,7 @@ class ModelRouter:
                     raise _PoolFailed("deadline exceeded")
                 first = True
                 try:
-                    upstream = self.client(state).generate(request, request_id, remaining)
+                    upstream = self.client(state).generate(request, request_id, remaining, stream)
                     async with aclosing(upstream):
                         async for piece in upstream:
                             if first:

@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from mariana_common.settings import ServiceSettings
@@ -20,7 +20,12 @@ class RouterSettings(ServiceSettings):
         "the catalog's mesh pools name them.",
     )
     default_upstream: str = Field("inference", description="The upstream that serves embeddings and lists models.")
-    moderation_target: str = Field(..., description="host:port of Envoy's mesh listener for moderation.")
+    moderation: Literal["in_process", "service"] = Field(
+        "in_process",
+        description="Where requests are moderated: in this process with the moderation engine (its settings are "
+        "MARIANA_MODERATION_*, the same as the service's), or by calls to the moderation service.",
+    )
+    moderation_target: str = Field("", description="host:port of Envoy's mesh listener for moderation (service).")
     catalog_file: Path = Field(DEFAULT_CATALOG, description="The model catalog (YAML), re-read when it changes.")
     tokenizer_dir: Path | None = Field(
         None, description="The default model's folder: its tokenizer counts prompt tokens for reservations."
@@ -41,3 +46,9 @@ class RouterSettings(ServiceSettings):
         ge=0,
         description="Streamed output is moderated in windows of about this many characters; 0 turns it off.",
     )
+
+    @model_validator(mode="after")
+    def _moderation_target(self) -> RouterSettings:
+        if self.moderation == "service" and not self.moderation_target:
+            raise ValueError("moderation=service needs moderation_target")
+        return self

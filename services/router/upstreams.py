@@ -48,7 +48,7 @@ def _metadata(request_id: str) -> tuple[tuple[str, str], ...]:
     return (("x-request-id", request_id),)
 
 
-def generate_request(request: GenerationRequest, request_id: str) -> inf.GenerateRequest:
+def generate_request(request: GenerationRequest, request_id: str, stream: bool = True) -> inf.GenerateRequest:
     s = request.sampling
     sampling = inf.SamplingParams(
         max_tokens=s.max_tokens or 0,
@@ -62,7 +62,9 @@ def generate_request(request: GenerationRequest, request_id: str) -> inf.Generat
     )
     if s.seed is not None:
         sampling.seed = s.seed
-    message = inf.GenerateRequest(request_id=request_id, model=request.model, sampling=sampling)
+    message = inf.GenerateRequest(
+        request_id=request_id, model=request.model, sampling=sampling, whole_answer=not stream
+    )
     if request.messages is not None:
         message.messages.items.extend(inf.Message(role=r, content=t) for r, t in request.messages)
     else:
@@ -76,11 +78,11 @@ class GrpcInference:
         self._timeout_s = timeout_s
 
     async def generate(
-        self, request: GenerationRequest, request_id: str, timeout_s: float | None = None
+        self, request: GenerationRequest, request_id: str, timeout_s: float | None = None, stream: bool = True
     ) -> AsyncGenerator[Piece, None]:
         timeout = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
         call = self._stub.Generate(
-            generate_request(request, request_id), timeout=timeout, metadata=_metadata(request_id)
+            generate_request(request, request_id, stream), timeout=timeout, metadata=_metadata(request_id)
         )
         try:
             last: Piece | None = None

@@ -41,13 +41,22 @@ class RedisUsagePublisher:
     while the spool holds anything, new batches queue behind it."""
 
     def __init__(
-        self, client: redis.Redis, stream: str, reservations: Reservations, spool: Spool, retry_s: float = 1.0
+        self,
+        client: redis.Redis,
+        stream: str,
+        reservations: Reservations,
+        spool: Spool,
+        retry_s: float = 1.0,
+        linger_s: float = 0.005,
     ) -> None:
         self._redis = client
         self._stream = stream
         self._reservations = reservations
         self._spool = spool
         self._retry_s = retry_s
+        # A batch waits this long after its first item for others: one round
+        # trip (and one pipeline's overhead) for several requests under load.
+        self._linger_s = linger_s
         self._queue: asyncio.Queue[Item] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -114,6 +123,8 @@ class RedisUsagePublisher:
                     self._spool_queued()
                     continue
             batch = [await self._queue.get()]
+            if self._linger_s:
+                await asyncio.sleep(self._linger_s)
             while not self._queue.empty() and len(batch) < 500:
                 batch.append(self._queue.get_nowait())
             try:

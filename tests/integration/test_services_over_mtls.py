@@ -380,7 +380,7 @@ class EchoInference:
         self.words = text.split(" ")
 
     async def generate(
-        self, request: GenerationRequest, request_id: str, timeout_s: float | None = None
+        self, request: GenerationRequest, request_id: str, timeout_s: float | None = None, stream: bool = True
     ) -> AsyncGenerator[Piece, None]:
         for i, word in enumerate(self.words, start=1):
             yield Piece(word + " ", None, 5, i)

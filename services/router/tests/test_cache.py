@@ -102,7 +102,7 @@ class Switchable(ScriptedInference):
         self.down = False
 
     async def generate(
-        self, request: GenerationRequest, request_id: str, timeout_s: float | None = None
+        self, request: GenerationRequest, request_id: str, timeout_s: float | None = None, stream: bool = True
     ) -> AsyncGenerator[Piece, None]:
         if self.down:
             raise Unavailable("down")

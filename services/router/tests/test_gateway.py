@@ -44,7 +44,7 @@ class ScriptedInference:
         self.requests: list[GenerationRequest] = []
 
     async def generate(
-        self, request: GenerationRequest, request_id: str, timeout_s: float | None = None
+        self, request: GenerationRequest, request_id: str, timeout_s: float | None = None, stream: bool = True
     ) -> AsyncGenerator[Piece, None]:
         self.requests.append(request)
         for i, text in enumerate(self.texts, start=1):

@@ -29,7 +29,7 @@ class Pool:
         self.calls: list[tuple[str, float | None]] = []
 
     async def generate(
-        self, request: GenerationRequest, request_id: str, timeout_s: float | None = None
+        self, request: GenerationRequest, request_id: str, timeout_s: float | None = None, stream: bool = True
     ) -> AsyncGenerator[Piece, None]:
         self.calls.append((request.model, timeout_s))
         if self.fail:
