@@ -5,7 +5,9 @@ exporter, the API's no-op tracer — off costs nothing."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, MutableMapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 from opentelemetry import trace
@@ -76,3 +78,12 @@ def links_to(traceparents: list[str]) -> list[trace.Link]:
         return []
     contexts = [span_context_of(t) for t in traceparents]
     return [trace.Link(c) for c in contexts if c is not None]
+
+
+def internal_span(name: str, attributes: Mapping[str, str | int | bool]) -> AbstractContextManager[object]:
+    """A span for work done in process (the router's moderation), a child of
+    the current one; nothing at all when not tracing."""
+    if not _enabled:
+        return contextlib.nullcontext()
+    tracer = trace.get_tracer("mariana")
+    return tracer.start_as_current_span(name, kind=trace.SpanKind.INTERNAL, attributes=dict(attributes))

@@ -56,7 +56,16 @@ from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import Previ
 from envoy_data_plane.envoy.type.v3 import FractionalPercent, HttpStatus, StatusCode, TokenBucket
 from envoy_data_plane.google.protobuf import Any
 
-from mesh.envoy_parts import PREVIOUS_HOSTS, access_log, address, http_filter, network_filter, service_routes, tracing
+from mesh.envoy_parts import (
+    HOST_SELECTION_ATTEMPTS,
+    PREVIOUS_HOSTS,
+    access_log,
+    address,
+    http_filter,
+    network_filter,
+    service_routes,
+    tracing,
+)
 from mesh.plan import Plan
 from mesh.topology import EDGE
 from services.auth.ext_authz import IDENTITY_HEADERS
@@ -224,7 +233,7 @@ def _ext_authz(plan: Plan) -> ExtAuthz:
         retry_back_off=BackoffStrategy(base_interval=retry.backoff_base, max_interval=retry.backoff_max),
         # least-request would pick a dead replica (it has no requests) again
         retry_host_predicate=[GrpcRetryHostPredicate(name=PREVIOUS_HOSTS, typed_config=Any.pack(PreviousHosts()))],
-        host_selection_retry_max_attempts=3,
+        host_selection_retry_max_attempts=HOST_SELECTION_ATTEMPTS,
     )
     return ExtAuthz(
         grpc_service=GrpcService(

@@ -14,7 +14,7 @@ from mariana.inference.v1 import inference_pb2 as pb
 from mariana.inference.v1 import inference_pb2_grpc as pb_grpc
 from mariana_common.errors import InvalidArgument, NotFound
 from mariana_common.server import Context, Registrar
-from services.inference.coalesce import Coalescer
+from services.inference.coalesce import PROGRESS_INTERVAL_S, Coalescer
 from services.inference.embedder import Embedder
 from services.inference.engine import ChatEngine, GenerationInput, Sampling
 from services.inference.metrics import TIME_TO_FIRST_TOKEN, TOKENS_GENERATED
@@ -55,9 +55,15 @@ def logprob_to_proto(engine: ChatEngine, lp: TokenLogprob) -> pb.TokenLogprob:
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    def __init__(self, engines: Mapping[str, ChatEngine], embedder: Embedder | None) -> None:
+    def __init__(
+        self,
+        engines: Mapping[str, ChatEngine],
+        embedder: Embedder | None,
+        progress_interval_s: float = PROGRESS_INTERVAL_S,
+    ) -> None:
         self._engines = engines
         self._embedder = embedder
+        self._progress_interval_s = progress_interval_s
 
     def _engine(self, model: str) -> ChatEngine:
         engine = self._engines.get(model)
@@ -68,7 +74,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> AsyncIterator[pb.GenerateResponse]:
         engine = self._engine(request.model)
         sent, generated, finished, started = 0, 0, False, time.perf_counter()
-        whole = Coalescer() if request.whole_answer else None
+        whole = Coalescer(self._progress_interval_s) if request.whole_answer else None
         try:
             async with aclosing(engine.generate(generation_input(request))) as events:
                 async for step in events:
@@ -149,8 +155,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return pb.GetStatsResponse(engines=engines)
 
 
-def register(engines: Mapping[str, ChatEngine], embedder: Embedder | None) -> Registrar:
+def register(
+    engines: Mapping[str, ChatEngine], embedder: Embedder | None, progress_interval_s: float = PROGRESS_INTERVAL_S
+) -> Registrar:
     def add(server: grpc.aio.Server) -> None:
-        pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(engines, embedder), server)
+        servicer = InferenceServicer(engines, embedder, progress_interval_s)
+        pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
 
     return add

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from mariana_common.tracing import annotate, internal_span
 from services.moderation.metrics import count_verdicts
 from services.moderation.moderator import Moderator, Verdict
 from services.router.domain import Direction, ModerationVerdict
+
+# The span of one check, in the router's trace where the service's would be.
+SPAN = "mariana.moderation.v1.ModerationService/Check (in process)"
 
 
 def verdict_of(verdict: Verdict) -> ModerationVerdict:
@@ -49,6 +53,8 @@ class InProcessModeration:
         decision_only: bool = True,
     ) -> list[ModerationVerdict]:
         preceding = list(contexts) if contexts else [context] * len(texts)
-        verdicts = await self._moderator.check_batch(texts, tenant_id, direction, preceding)
+        with internal_span(SPAN, {"mariana.direction": direction, "mariana.texts": len(texts)}):
+            verdicts = await self._moderator.check_batch(texts, tenant_id, direction, preceding)
+            annotate({"mariana.actions": ",".join(sorted({v.action.name.lower() for v in verdicts}))})
         count_verdicts(direction, verdicts)
         return [verdict_of(v) for v in verdicts]

@@ -21,10 +21,12 @@ from launcher.stack import Stack
 from mariana.auth.v1 import auth_pb2, auth_pb2_grpc
 from mariana.llm.v1 import llm_pb2, llm_pb2_grpc
 from mesh.plan import free_port
+from services.router import moderation_in_process
 from tests.e2e.conftest import MODEL
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 pytestmark = pytest.mark.e2e
+INTERNAL = 1  # OTLP SpanKind INTERNAL
 SERVER = 2  # OTLP SpanKind SERVER
 
 
@@ -91,7 +93,8 @@ def test_one_trace_crosses_every_hop(traced: tuple[Stack, OtlpReceiver, str]) ->
         metadata = (("authorization", f"Bearer {key.secret}"), ("traceparent", f"00-{trace_id}-{client_span}-01"))
         llm_pb2_grpc.LlmServiceStub(channel).CreateChatCompletion(chat, metadata=metadata, timeout=30)
 
-    python_services = {"auth", "router", "moderation", "inference"}
+    # Moderation runs inside the router (its default): its checks are the router's internal spans.
+    python_services = {"auth", "router", "inference"}
     spans = wait_for_trace(receiver, trace_id, client_span, python_services | {"envoy-edge", "billing"})
     in_trace = [s for s in spans if s.trace_id == trace_id]
     services = {s.service for s in in_trace}
@@ -106,6 +109,9 @@ def test_one_trace_crosses_every_hop(traced: tuple[Stack, OtlpReceiver, str]) ->
     for service in python_services:
         assert any(s.service == service and s.kind == SERVER for s in in_trace), service
     router = next(s for s in in_trace if s.service == "router" and s.name.endswith("CreateChatCompletion"))
+    checks = [s for s in in_trace if s.service == "router" and s.name == moderation_in_process.SPAN]
+    assert sorted(s.attributes["mariana.direction"] for s in checks) == ["input", "output"]
+    assert all(s.kind == INTERNAL and s.attributes["mariana.actions"] for s in checks)
     assert router.attributes["mariana.model"] == MODEL and router.attributes["mariana.route"] == "primary"
     assert router.attributes["mariana.tenant"] and "mariana.completion_tokens" in router.attributes
     assert not any("mk_" in str(v) for s in in_trace for v in s.attributes.values())  # never the key
