@@ -31,11 +31,11 @@ async def main() -> None:
     catalog = reloading_catalog(settings.catalog_file)
     channels = {name: mesh_channel(target, settings) for name, target in settings.upstreams.items()}
     upstreams = {name: GrpcInference(channel, settings.inference_timeout_s) for name, channel in channels.items()}
-    in_service = settings.moderation == "service"
-    moderation_channel = mesh_channel(settings.moderation_target, settings) if in_service else None
+    moderation_channel = mesh_channel(settings.moderation_target, settings) if settings.moderation_target else None
+    service = GrpcModeration(moderation_channel, settings.moderation_timeout_s) if moderation_channel else None
     moderation: Moderation = (
-        GrpcModeration(moderation_channel, settings.moderation_timeout_s)
-        if moderation_channel is not None
+        service
+        if service is not None and settings.moderation == "service"
         else InProcessModeration(EngineSettings().moderator())
     )
     client = redis_client(stream.redis_url)
@@ -63,6 +63,7 @@ async def main() -> None:
             fail_open=settings.reservation_failure == "open",
         ),
         settings.default_max_tokens,
+        moderation_api=service,
     )
     server = create_server(settings, register(gateway), [SERVICE_NAME])
     try:

@@ -64,10 +64,14 @@ class Gateway:
         cache: ResponseCache | None = None,
         admission: Admission | None = None,
         default_max_tokens: int = 256,
+        moderation_api: Moderation | None = None,
     ) -> None:
         self._router = router
         self._inference = inference  # embeddings and the model list
         self._moderation = moderation
+        # /v1/moderations: the moderation service, where a batch of 256 texts
+        # does not hold up the router's requests; else the same as chat's.
+        self._moderation_api = moderation_api or moderation
         self._usage = usage
         self._output_window_chars = output_window_chars
         self._cache = cache
@@ -293,4 +297,6 @@ class Gateway:
         return chat + [m for m in served if m.kind == "embedding"]
 
     async def moderate(self, caller: Caller, texts: Sequence[str]) -> list[ModerationVerdict]:
-        return await self._moderation.check(texts, caller.request_id, caller.tenant_id, "input", decision_only=False)
+        return await self._moderation_api.check(
+            texts, caller.request_id, caller.tenant_id, "input", decision_only=False
+        )

@@ -22,10 +22,14 @@ class RouterSettings(ServiceSettings):
     default_upstream: str = Field("inference", description="The upstream that serves embeddings and lists models.")
     moderation: Literal["in_process", "service"] = Field(
         "in_process",
-        description="Where requests are moderated: in this process with the moderation engine (its settings are "
+        description="Where chat is moderated: in this process with the moderation engine (its settings are "
         "MARIANA_MODERATION_*, the same as the service's), or by calls to the moderation service.",
     )
-    moderation_target: str = Field("", description="host:port of Envoy's mesh listener for moderation (service).")
+    moderation_target: str = Field(
+        "",
+        description="host:port of Envoy's mesh listener for moderation: /v1/moderations goes there (and chat "
+        "with moderation=service); empty: the engine in process answers it too.",
+    )
     catalog_file: Path = Field(DEFAULT_CATALOG, description="The model catalog (YAML), re-read when it changes.")
     tokenizer_dir: Path | None = Field(
         None, description="The default model's folder: its tokenizer counts prompt tokens for reservations."

@@ -1,0 +1,109 @@
+"""Where requests are moderated. By default the router runs the moderation
+engine in its own process (two gRPC round trips fewer per request): chat is
+moderated the same with the moderation service gone, which then only takes
+/v1/moderations down. With `MARIANA_ROUTER_MODERATION=service` the router
+asks the moderation service, and without it refuses chat with 503 rather than
+pass it unmoderated."""
+
+from __future__ import annotations
+
+import secrets
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import openai
+import pytest
+import yaml
+from pydantic import SecretStr
+
+from launcher.settings import LauncherSettings
+from launcher.stack import Stack
+from mariana.auth.v1 import auth_pb2, auth_pb2_grpc
+from mesh.plan import free_port
+from mesh.topology import DEFAULT_FILE as DEFAULT_TOPOLOGY
+from tests.e2e.conftest import MODEL
+
+pytestmark = pytest.mark.e2e
+
+SECRET = "my key is sk-live-4f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c"  # the default policy blocks secrets
+
+
+def start(data_dir: Path, model_dir: Path, moderation: str) -> tuple[Stack, openai.OpenAI]:
+    raw = yaml.safe_load(DEFAULT_TOPOLOGY.read_text())
+    raw["services"]["router"].setdefault("settings", {})["MODERATION"] = moderation
+    topology = data_dir / "topology.yaml"
+    topology.write_text(yaml.safe_dump(raw))
+    master = "sk-modes-" + secrets.token_urlsafe(12)
+    settings = LauncherSettings(
+        data_dir=data_dir,
+        edge_port=free_port(),
+        any_ports=True,
+        master_key=SecretStr(master),
+        model_dir=model_dir,
+        inference_backend="echo",
+        topology_file=topology,
+    )
+    stack = Stack(settings)
+    try:
+        plan = stack.start()
+        with grpc.insecure_channel(f"127.0.0.1:{plan.edge_port}") as channel:
+            key = auth_pb2_grpc.AuthAdminServiceStub(channel).CreateKey(
+                auth_pb2.CreateKeyRequest(tenant="modes"), metadata=(("authorization", f"Bearer {master}"),), timeout=10
+            )
+    except BaseException:
+        stack.stop()
+        raise
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{plan.edge_port}/v1", api_key=key.secret, max_retries=0)
+    return stack, client
+
+
+@pytest.fixture
+def in_process(tmp_path: Path, model_dir: Path) -> Iterator[tuple[Stack, openai.OpenAI]]:
+    stack, client = start(tmp_path, model_dir, "in_process")
+    yield stack, client
+    stack.stop()
+
+
+@pytest.fixture
+def as_service(tmp_path: Path, model_dir: Path) -> Iterator[tuple[Stack, openai.OpenAI]]:
+    stack, client = start(tmp_path, model_dir, "service")
+    yield stack, client
+    stack.stop()
+
+
+def chat(client: openai.OpenAI, text: str) -> str:
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=8)
+    return reply.choices[0].message.content or ""
+
+
+def assert_blocked(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat(client, SECRET)
+    assert "blocked by moderation" in str(refused.value) and "secrets" in str(refused.value)
+
+
+def test_in_process_moderation_holds_without_the_moderation_service(in_process: tuple[Stack, openai.OpenAI]) -> None:
+    stack, client = in_process
+    assert chat(client, "Say hello.")
+    assert_blocked(client)
+    stack.process("moderation").signal(signal.SIGKILL)
+    stack.process("moderation").popen.wait(10)  # type: ignore[union-attr]
+    # Chat is still moderated (by the router), only the moderation API is gone.
+    assert chat(client, "Say hello again.")
+    assert_blocked(client)
+    with pytest.raises(openai.APIStatusError) as down:
+        client.moderations.create(input="hello")
+    assert down.value.status_code == 503
+
+
+def test_the_router_can_ask_the_moderation_service_instead(as_service: tuple[Stack, openai.OpenAI]) -> None:
+    stack, client = as_service
+    assert chat(client, "Say hello.")
+    assert_blocked(client)
+    stack.process("moderation").signal(signal.SIGKILL)
+    stack.process("moderation").popen.wait(10)  # type: ignore[union-attr]
+    with pytest.raises(openai.APIStatusError) as refused:
+        chat(client, "Say hello again.")
+    assert refused.value.status_code == 503
