@@ -6,7 +6,9 @@ difference within one run.
 
 Paths measured (all loopback):
   direct gRPC  the load generator -> inference (mTLS), Generate
-  edge gRPC    -> Envoy (h2c) -> ext_authz auth -> router -> moderation + inference (mTLS via Envoy), usage to Redis
+  edge gRPC    -> Envoy (h2c) -> ext_authz auth -> router (input and output moderated in process; with
+               `--moderation service` by the moderation service via Envoy) -> inference (mTLS via Envoy);
+               budget reservation and usage in Redis, the ledger in billing
   edge HTTP    wrk, HTTP/1.1 JSON through Envoy's transcoder, same path; unary and `"stream": true`
 
 For each it prints achieved req/s, p50/p90/p99, errors, and the CPU each
@@ -151,6 +153,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="per phase")
     parser.add_argument("--rates", default="100,300,1000", help="fixed rates in req/s; saturation is always run")
     parser.add_argument("--paths", default="direct,edge-grpc,edge-http,edge-http-stream")
+    parser.add_argument(
+        "--moderation",
+        choices=["in_process", "service"],
+        default="in_process",
+        help="where the router moderates chat (MARIANA_ROUTER_MODERATION): its own process, or the service",
+    )
     parser.add_argument("--hold", action="store_true", help="keep the platform up after the run (for profiling)")
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",") if r] + [0.0]
@@ -164,8 +172,9 @@ def main() -> None:
             master_key=SecretStr(master),
             model_dir=MODEL_DIR,
             inference_backend="echo",
+            service_settings={"router": {"MODERATION": args.moderation}},
         )
-        print("starting the platform with the echo backend ...", flush=True)
+        print(f"starting the platform with the echo backend, moderation {args.moderation} ...", flush=True)
         with Stack(settings) as stack:
             assert stack.plan is not None
             edge = f"127.0.0.1:{stack.plan.edge_port}"

@@ -33,6 +33,10 @@ class LauncherSettings(BaseSettings):
         default_factory=dict,
         description='Replica counts over the topology\'s, e.g. {"router": 2, "inference": 2, "auth": 2, "edge": 2}.',
     )
+    service_settings: dict[str, dict[str, str]] = Field(
+        default_factory=dict,
+        description='Settings per service over the topology\'s, e.g. {"router": {"MODERATION": "service"}}.',
+    )
     cert_rotation_interval_s: float = Field(
         6 * 3600.0, gt=0, description="`make run` re-issues every workload certificate this often (they live a day)."
     )

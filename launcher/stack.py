@@ -46,6 +46,7 @@ class Stack:
         if not (self.settings.resolved_model_dir() / "config.json").exists():
             raise StartError(f"no model at {self.settings.resolved_model_dir()}: run `make model`")
         topology = load_topology(self.settings.topology_file).with_replicas(self.settings.replicas)
+        topology = topology.with_settings(self.settings.service_settings)
         plan = make_plan(topology, DESCRIPTOR_SET, any_ports=self.settings.any_ports, edge_port=self.settings.edge_port)
         pki = self.data_dir / "pki"
         shutil.rmtree(pki, ignore_errors=True)

@@ -196,6 +196,18 @@ class Topology(Strict):
         edge = self.edge.model_copy(update={"replicas": replicas.get(EDGE, self.edge.replicas)})
         return self.model_copy(update={"services": services, "edge": edge})
 
+    def with_settings(self, settings: dict[str, dict[str, str]]) -> Topology:
+        """The same topology with more settings per service (names without
+        the program's prefix), over the file's."""
+        unknown = set(settings) - set(self.services)
+        if unknown:
+            raise ValueError(f"settings for unknown services: {sorted(unknown)}")
+        services = {
+            name: s.model_copy(update={"settings": {**s.settings, **settings[name]}}) if name in settings else s
+            for name, s in self.services.items()
+        }
+        return self.model_copy(update={"services": services})
+
 
 def load_topology(path: Path = DEFAULT_FILE) -> Topology:
     return Topology.model_validate(yaml.safe_load(path.read_text()))

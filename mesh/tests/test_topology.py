@@ -15,6 +15,7 @@ from mesh.envoy_config import write_bootstrap
 from mesh.pki import CertFiles
 from mesh.plan import make_plan
 from mesh.topology import DEFAULT_FILE, Topology, load_topology
+from mesh.wiring import shared_engine_settings
 
 REPO = Path(__file__).resolve().parents[2]
 DESCRIPTOR_SET = REPO / "build" / "mariana.pb"
@@ -61,6 +62,15 @@ def test_replicas_of_an_unknown_service_are_refused() -> None:
         load_topology().with_replicas({"ghost": 2})
     with pytest.raises(ValueError, match="at least 1"):
         load_topology().with_replicas({"router": 0})
+
+
+def test_settings_over_the_files_reach_the_service_and_the_router_gets_the_moderation_engines() -> None:
+    topology = load_topology().with_settings({"router": {"MODERATION": "service"}, "moderation": {"BLOCKLIST": "[]"}})
+    assert topology.services["router"].settings["MODERATION"] == "service"
+    assert shared_engine_settings(topology, "router") == {"MARIANA_MODERATION_BLOCKLIST": "[]"}
+    assert shared_engine_settings(topology, "auth") == {}
+    with pytest.raises(ValueError, match="ghost"):
+        load_topology().with_settings({"ghost": {"X": "1"}})
 
 
 def test_mesh_target_names_every_envoy() -> None:

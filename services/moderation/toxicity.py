@@ -7,6 +7,8 @@ hashed word and character n-grams, trained in-repo by
 
 from __future__ import annotations
 
+import collections
+import functools
 import itertools
 import json
 import math
@@ -24,19 +26,22 @@ BUCKETS = 1 << 18
 WORD = re.compile(r"\w+", re.UNICODE)
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _word_buckets(word: str) -> tuple[int, ...]:
+    """A word's own buckets: the word and its character 3-grams. Words repeat
+    (from text to text, and within one), so they are hashed once."""
+    padded = f"<{word}>"
+    grams = [f"w:{word}"] + [f"c:{padded[i : i + 3]}" for i in range(len(padded) - 2)]
+    return tuple(zlib.crc32(gram.encode()) % BUCKETS for gram in grams)
+
+
 def features(text: str) -> dict[int, float]:
     """Bag of hashed features, L2-normalised: words, word pairs and character
     3-grams inside words (which carry across inflections and typos)."""
     words = WORD.findall(text.lower())
-    grams = [f"w:{w}" for w in words]
-    grams += [f"b:{a} {b}" for a, b in itertools.pairwise(words)]
-    for w in words:
-        padded = f"<{w}>"
-        grams += [f"c:{padded[i : i + 3]}" for i in range(len(padded) - 2)]
-    counts: dict[int, float] = {}
-    for gram in grams:
-        bucket = zlib.crc32(gram.encode()) % BUCKETS
-        counts[bucket] = counts.get(bucket, 0.0) + 1.0
+    buckets = [bucket for word in words for bucket in _word_buckets(word)]
+    buckets += [zlib.crc32(f"b:{a} {b}".encode()) % BUCKETS for a, b in itertools.pairwise(words)]
+    counts = collections.Counter(buckets)
     norm = math.sqrt(sum(v * v for v in counts.values())) or 1.0
     return {k: v / norm for k, v in counts.items()}
 

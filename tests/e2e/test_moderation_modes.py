@@ -15,14 +15,12 @@ from pathlib import Path
 import grpc
 import openai
 import pytest
-import yaml
 from pydantic import SecretStr
 
 from launcher.settings import LauncherSettings
 from launcher.stack import Stack
 from mariana.auth.v1 import auth_pb2, auth_pb2_grpc
 from mesh.plan import free_port
-from mesh.topology import DEFAULT_FILE as DEFAULT_TOPOLOGY
 from tests.e2e.conftest import MODEL
 
 pytestmark = pytest.mark.e2e
@@ -31,10 +29,6 @@ SECRET = "my key is sk-live-4f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c"  # the default pol
 
 
 def start(data_dir: Path, model_dir: Path, moderation: str) -> tuple[Stack, openai.OpenAI]:
-    raw = yaml.safe_load(DEFAULT_TOPOLOGY.read_text())
-    raw["services"]["router"].setdefault("settings", {})["MODERATION"] = moderation
-    topology = data_dir / "topology.yaml"
-    topology.write_text(yaml.safe_dump(raw))
     master = "sk-modes-" + secrets.token_urlsafe(12)
     settings = LauncherSettings(
         data_dir=data_dir,
@@ -43,7 +37,7 @@ def start(data_dir: Path, model_dir: Path, moderation: str) -> tuple[Stack, open
         master_key=SecretStr(master),
         model_dir=model_dir,
         inference_backend="echo",
-        topology_file=topology,
+        service_settings={"router": {"MODERATION": moderation}},
     )
     stack = Stack(settings)
     try:
