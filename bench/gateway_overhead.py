@@ -34,12 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import yaml
 from pydantic import SecretStr
 
 from bench.common import MODEL, MODEL_DIR, issue_key
 from launcher.settings import REPO, LauncherSettings
 from launcher.stack import Stack
 from mesh.plan import free_port
+from mesh.topology import DEFAULT_FILE as DEFAULT_TOPOLOGY
 
 SATURATION_CONCURRENCY = 32
 
@@ -165,8 +167,15 @@ def main() -> None:
     paths = args.paths.split(",")
     master = "sk-bench-" + secrets.token_urlsafe(12)
     with tempfile.TemporaryDirectory() as data:
+        # The per-tenant backstop at the edge (500/s) is a policy, not what the
+        # platform can do: one bench tenant would hit it before saturation.
+        raw = yaml.safe_load(DEFAULT_TOPOLOGY.read_text())
+        raw["edge"]["tenant_rate_limit"] = {"requests_per_second": 1_000_000, "burst": 1_000_000}
+        topology = Path(data) / "topology.yaml"
+        topology.write_text(yaml.safe_dump(raw))
         settings = LauncherSettings(
             data_dir=Path(data),
+            topology_file=topology,
             edge_port=free_port(),
             any_ports=True,
             master_key=SecretStr(master),
