@@ -1,10 +1,16 @@
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from services.moderation.credentials import entropy, find_secrets
+from services.moderation import pii
+from services.moderation.credentials import PATTERNS, entropy, find_secrets
 from services.moderation.injection import find_injection
 from services.moderation.pii import dni_valid, find_pii, iban_valid, luhn_valid
+
+EVAL_SET = Path(__file__).parents[3] / "tests" / "moderation" / "eval_set.jsonl"
 
 
 @pytest.mark.parametrize(
@@ -117,3 +123,33 @@ def test_injection(text: str) -> None:
 @pytest.mark.parametrize("text", ["Print the instructions for the desk", "ignore the typo in my previous message"])
 def test_injection_negatives(text: str) -> None:
     assert find_injection(text) == []
+
+
+def test_the_quick_skips_never_skip_a_finding() -> None:
+    """Each secret pattern runs only when one of its literals is in the text,
+    PII patterns only with a digit, "@" or ":": every match of every pattern in
+    the labelled set (and in the cases above) contains what its skip looks for."""
+    texts = [json.loads(line)["text"] for line in EVAL_SET.read_text().splitlines()]
+    texts += [
+        "key AKIAIOSFODNN7EXAMPLE here",
+        "token ghp_" + "a1B2" * 9,
+        "-----BEGIN RSA PRIVATE KEY-----\nabc",
+        "sk_live_" + "a1" * 10,
+        "xoxb-123456789012-abc",
+        "glpat-" + "x" * 20,
+        "AIza" + "b" * 35,
+        "mk_0123456789ab_" + "Z" * 24,
+        "dead:beef::1 and fe80::1",
+    ]
+    matched = 0
+    for text in texts:
+        for _, pattern, literals in PATTERNS:
+            for match in pattern.finditer(text):
+                matched += 1
+                assert any(literal in match.group() for literal in literals), (match.group(), literals)
+        for pattern in (pii.EMAIL, pii.CARD, pii.IBAN, pii.IPV4, pii.IPV6, pii.SSN, pii.NINO, pii.DNI, pii.PHONE):
+            for match in pattern.finditer(text):
+                matched += 1
+                found = match.group()
+                assert pii.DIGIT.search(found) or "@" in found or ":" in found, found
+    assert matched > 150  # the set has findings of every kind
