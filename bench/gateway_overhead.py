@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import redis
 import yaml
 from pydantic import SecretStr
 
@@ -42,6 +43,7 @@ from launcher.settings import REPO, LauncherSettings
 from launcher.stack import Stack
 from mesh.plan import free_port
 from mesh.topology import DEFAULT_FILE as DEFAULT_TOPOLOGY
+from services.billing.events import UsageStreamSettings
 
 SATURATION_CONCURRENCY = 32
 
@@ -58,6 +60,9 @@ class Result:
     p99: float
     cpu_s: dict[str, float]
     seconds: float
+    # Usage events billing had not applied when the phase ended (it works off
+    # the request path, from the Redis Stream, and falls behind at saturation).
+    backlog: int = 0
 
 
 class CpuMeter:
@@ -111,7 +116,23 @@ def wrk_load(edge: str, key: str, rate: float, seconds: float, stream: bool) -> 
     }
 
 
-def measure(meter: CpuMeter, path: str, rate: float, load: Callable[[], dict]) -> Result:
+class BillingBacklog:
+    """Usage events in the stream that billing's consumer group has not
+    acknowledged: not yet read (lag) plus read and not yet applied (pending)."""
+
+    def __init__(self, redis_port: int) -> None:
+        self._redis = redis.Redis(host="127.0.0.1", port=redis_port)
+        self._stream = UsageStreamSettings().usage_stream
+
+    def events(self) -> int:
+        try:
+            groups = self._redis.xinfo_groups(self._stream)
+        except redis.ResponseError:  # no stream yet: nothing was generated
+            return 0
+        return sum(int(g.get("lag") or 0) + int(g.get("pending") or 0) for g in groups)
+
+
+def measure(meter: CpuMeter, backlog: BillingBacklog, path: str, rate: float, load: Callable[[], dict]) -> Result:
     before, started = meter.sample(), time.perf_counter()
     raw = load()
     elapsed = time.perf_counter() - started
@@ -119,19 +140,30 @@ def measure(meter: CpuMeter, path: str, rate: float, load: Callable[[], dict]) -
     errors = ", ".join(f"{k} {v}" for k, v in raw["errors"].items()) or "0"
     rate_label = f"{rate:.0f}/s" if rate else "max"
     result = Result(path, rate_label, raw["ok"], errors, raw["rps"], raw["p50"], raw["p90"], raw["p99"], cpu, elapsed)
+    result.backlog = backlog.events()
     print(
         f"  {path:<17} {rate_label:>7}: {result.rps:7.1f} req/s  p50 {result.p50:6.2f}  p90 {result.p90:6.2f}  "
-        f"p99 {result.p99:7.2f} ms  errors {errors}",
+        f"p99 {result.p99:7.2f} ms  errors {errors}  billing backlog {result.backlog}",
         flush=True,
     )
+    wait_for_billing(backlog)
     return result
 
 
+def wait_for_billing(backlog: BillingBacklog, timeout_s: float = 120.0) -> None:
+    """The next phase starts once billing has caught up, so no phase pays for
+    the one before it."""
+    deadline = time.monotonic() + timeout_s
+    while backlog.events() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def print_tables(results: list[Result], names: list[str]) -> None:
-    print("\n| path | rate | req/s | p50 ms | p90 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| path | rate | req/s | p50 ms | p90 ms | p99 ms | errors | billing backlog at the end |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r.path} | {r.rate} | {r.rps:.0f} | {r.p50:.2f} | {r.p90:.2f} | {r.p99:.2f} | {r.errors} |")
+        row = f"| {r.path} | {r.rate} | {r.rps:.0f} | {r.p50:.2f} | {r.p90:.2f} | {r.p99:.2f} | {r.errors} |"
+        print(f"{row} {r.backlog} |")
     direct = {r.rate: r for r in results if r.path == "direct gRPC"}
     print("\nAdded latency (path minus direct gRPC at the same rate, ms):")
     print("| path | rate | p50 | p90 | p99 |")
@@ -191,6 +223,7 @@ def main() -> None:
             pki = str(Path(data) / "pki")
             key = issue_key(edge, master)
             meter = CpuMeter(stack)
+            backlog = BillingBacklog(stack.plan.redis_port)
             loads: dict[str, tuple[str, Callable[[float], dict]]] = {
                 "direct": (
                     "direct gRPC",
@@ -210,7 +243,7 @@ def main() -> None:
                 print(f"rate {'max' if rate == 0 else f'{rate:.0f}/s'}:", flush=True)
                 for path in paths:
                     label, load = loads[path]
-                    results.append(measure(meter, label, rate, lambda: load(rate)))  # noqa: B023 - called at once
+                    results.append(measure(meter, backlog, label, rate, lambda: load(rate)))  # noqa: B023 - called at once
             print_tables(results, [p.name for p in stack.processes])
             if args.hold:
                 print(f"holding: edge {edge}, key {key}; Ctrl-C stops", flush=True)
