@@ -39,6 +39,7 @@ import yaml
 from pydantic import SecretStr
 
 from bench.common import MODEL, MODEL_DIR, issue_key
+from bench.profile import Profile
 from launcher.settings import REPO, LauncherSettings
 from launcher.stack import Stack
 from mesh.plan import free_port
@@ -193,6 +194,11 @@ def main() -> None:
         default="in_process",
         help="where the router moderates chat (MARIANA_ROUTER_MODERATION): its own process, or the service",
     )
+    parser.add_argument(
+        "--profile",
+        metavar="PROCESS",
+        help="py-spy the named process (e.g. router) during each saturation phase; needs `make bench-tools`",
+    )
     parser.add_argument("--hold", action="store_true", help="keep the platform up after the run (for profiling)")
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",") if r] + [0.0]
@@ -239,11 +245,18 @@ def main() -> None:
                 ),
             }
             results = []
+
+            def profiled(rate: float) -> bool:
+                return bool(args.profile) and rate == 0
+
             for rate in rates:
                 print(f"rate {'max' if rate == 0 else f'{rate:.0f}/s'}:", flush=True)
                 for path in paths:
                     label, load = loads[path]
+                    profile = Profile(stack.process(args.profile).pid, args.seconds) if profiled(rate) else None
                     results.append(measure(meter, backlog, label, rate, lambda: load(rate)))  # noqa: B023 - called at once
+                    if profile is not None:
+                        print(profile.report(results[-1].ok), flush=True)
             print_tables(results, [p.name for p in stack.processes])
             if args.hold:
                 print(f"holding: edge {edge}, key {key}; Ctrl-C stops", flush=True)
