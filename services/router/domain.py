@@ -3,7 +3,7 @@ Python: no grpc, no protos."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -83,6 +83,18 @@ class ModerationVerdict:
     # The categories (with the kinds found, e.g. "pii (credit_card)") behind the action.
     reasons: tuple[str, ...] = ()
     redacted_text: str = ""
+
+
+def moderation_reasons(triggered: Iterable[str], findings: Iterable[tuple[str, str]]) -> tuple[str, ...]:
+    """The categories behind an action, each with the kinds found of it
+    (`findings`: (category, kind) pairs), e.g. "pii (email, phone)"."""
+    kinds: dict[str, set[str]] = {}
+    for category, kind in findings:
+        kinds.setdefault(category, set()).add(kind)
+    return tuple(
+        f"{category} ({', '.join(sorted(kinds[category]))})" if category in kinds else category
+        for category in triggered
+    )
 
 
 @dataclass(frozen=True)

@@ -14,20 +14,14 @@ from collections.abc import Sequence
 from mariana_common.tracing import annotate, internal_span
 from services.moderation.metrics import count_verdicts
 from services.moderation.moderator import Moderator, Verdict
-from services.router.domain import Direction, ModerationVerdict
+from services.router.domain import Direction, ModerationVerdict, moderation_reasons
 
 # The span of one check, in the router's trace where the service's would be.
 SPAN = "mariana.moderation.v1.ModerationService/Check (in process)"
 
 
 def verdict_of(verdict: Verdict) -> ModerationVerdict:
-    kinds: dict[str, set[str]] = {}
-    for span in verdict.findings:
-        kinds.setdefault(span.category, set()).add(span.kind)
-    reasons = tuple(
-        f"{category} ({', '.join(sorted(kinds[category]))})" if category in kinds else category
-        for category in verdict.triggered
-    )
+    reasons = moderation_reasons(verdict.triggered, ((s.category, s.kind) for s in verdict.findings))
     return ModerationVerdict(
         flagged=verdict.flagged,
         categories=verdict.categories,

@@ -20,6 +20,7 @@ from services.router.domain import (
     ModerationVerdict,
     Piece,
     TokenLogprob,
+    moderation_reasons,
 )
 
 DIRECTIONS = {"input": mod.DIRECTION_INPUT, "output": mod.DIRECTION_OUTPUT}
@@ -27,13 +28,7 @@ ACTIONS = {mod.ACTION_ALLOW: "allow", mod.ACTION_FLAG: "flag", mod.ACTION_REDACT
 
 
 def verdict_of(result: mod.TextVerdict) -> ModerationVerdict:
-    kinds: dict[str, list[str]] = {}
-    for finding in result.findings:
-        kinds.setdefault(finding.category, []).append(finding.kind)
-    reasons = tuple(
-        f"{category} ({', '.join(sorted(set(kinds[category])))})" if category in kinds else category
-        for category in result.triggered
-    )
+    reasons = moderation_reasons(result.triggered, ((f.category, f.kind) for f in result.findings))
     return ModerationVerdict(
         flagged=result.flagged,
         categories=dict(result.categories),

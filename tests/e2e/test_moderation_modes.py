@@ -7,6 +7,7 @@ pass it unmoderated."""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import signal
 from collections.abc import Iterator
@@ -28,7 +29,8 @@ pytestmark = pytest.mark.e2e
 SECRET = "my key is sk-live-4f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c"  # the default policy blocks secrets
 
 
-def start(data_dir: Path, model_dir: Path, moderation: str) -> tuple[Stack, openai.OpenAI]:
+@contextlib.contextmanager
+def platform_moderating(data_dir: Path, model_dir: Path, moderation: str) -> Iterator[tuple[Stack, openai.OpenAI]]:
     master = "sk-modes-" + secrets.token_urlsafe(12)
     settings = LauncherSettings(
         data_dir=data_dir,
@@ -39,32 +41,26 @@ def start(data_dir: Path, model_dir: Path, moderation: str) -> tuple[Stack, open
         inference_backend="echo",
         service_settings={"router": {"MODERATION": moderation}},
     )
-    stack = Stack(settings)
-    try:
-        plan = stack.start()
-        with grpc.insecure_channel(f"127.0.0.1:{plan.edge_port}") as channel:
+    with Stack(settings) as stack:
+        assert stack.plan is not None
+        edge = f"127.0.0.1:{stack.plan.edge_port}"
+        with grpc.insecure_channel(edge) as channel:
             key = auth_pb2_grpc.AuthAdminServiceStub(channel).CreateKey(
                 auth_pb2.CreateKeyRequest(tenant="modes"), metadata=(("authorization", f"Bearer {master}"),), timeout=10
             )
-    except BaseException:
-        stack.stop()
-        raise
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{plan.edge_port}/v1", api_key=key.secret, max_retries=0)
-    return stack, client
+        yield stack, openai.OpenAI(base_url=f"http://{edge}/v1", api_key=key.secret, max_retries=0)
 
 
 @pytest.fixture
 def in_process(tmp_path: Path, model_dir: Path) -> Iterator[tuple[Stack, openai.OpenAI]]:
-    stack, client = start(tmp_path, model_dir, "in_process")
-    yield stack, client
-    stack.stop()
+    with platform_moderating(tmp_path, model_dir, "in_process") as running:
+        yield running
 
 
 @pytest.fixture
 def as_service(tmp_path: Path, model_dir: Path) -> Iterator[tuple[Stack, openai.OpenAI]]:
-    stack, client = start(tmp_path, model_dir, "service")
-    yield stack, client
-    stack.stop()
+    with platform_moderating(tmp_path, model_dir, "service") as running:
+        yield running
 
 
 def chat(client: openai.OpenAI, text: str) -> str:
