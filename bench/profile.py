@@ -1,7 +1,10 @@
 """A py-spy profile of one service while a benchmark phase runs: samples taken
-only while the process holds the GIL (its Python work), folded into the
-functions that took the most of it, as a share of the samples and as
-microseconds per request."""
+only while the process holds the GIL (its Python and Cython work, gRPC's and
+the event loop's included), folded into the functions that took the most of
+it, as a share of the samples and as microseconds per request. Samples are
+wall-clock: on a busy machine a thread holding the GIL also waits for a core,
+so the microseconds overstate CPU time (bench/gateway_overhead.py measures
+that); the shares are what to read."""
 
 from __future__ import annotations
 
@@ -56,7 +59,7 @@ class Profile:
             for name in {f"{f.function} ({f.place.rsplit(':', 1)[0]})" for f in frames}:
                 inclusive[name] += count
         per_request_us = 1e6 / RATE_HZ / max(1, requests)
-        lines = [f"{samples} samples holding the GIL ({samples / RATE_HZ:.1f} s), {requests} requests"]
+        lines = [f"{samples} samples holding the GIL ({samples / RATE_HZ:.1f} s wall), {requests} requests"]
         for title, counter in (("inclusive", inclusive), ("own", own)):
             lines.append(f"| {title} | share | µs per request |")
             lines.append("|---|---|---|")
