@@ -57,7 +57,8 @@ def looks_random(value: str) -> bool:
 
 def find_secrets(text: str) -> list[Span]:
     found: list[Span] = []
-    for kind, pattern, literals in PATTERNS if ANY_LITERAL.search(text) else ():
+    candidates = PATTERNS if ANY_LITERAL.search(text) else ()
+    for kind, pattern, literals in candidates:
         if not any(literal in text for literal in literals):
             continue
         for match in pattern.finditer(text):

@@ -33,11 +33,11 @@ async def main() -> None:
     upstreams = {name: GrpcInference(channel, settings.inference_timeout_s) for name, channel in channels.items()}
     moderation_channel = mesh_channel(settings.moderation_target, settings) if settings.moderation_target else None
     service = GrpcModeration(moderation_channel, settings.moderation_timeout_s) if moderation_channel else None
-    moderation: Moderation = (
-        service
-        if service is not None and settings.moderation == "service"
-        else InProcessModeration(EngineSettings().moderator())
-    )
+    moderation: Moderation
+    if settings.moderation == "service" and service is not None:  # the settings make sure it has a target
+        moderation = service
+    else:
+        moderation = InProcessModeration(EngineSettings().moderator())
     client = redis_client(stream.redis_url)
     reservations = Reservations(client)
     usage = RedisUsagePublisher(client, stream.usage_stream, reservations, Spool(settings.spool_file))

@@ -2,8 +2,9 @@
 (`services.moderation.moderator.Moderator`, the same policy file, classifier
 and blocklist) behind the router's `Moderation` interface. Every generated
 request is checked twice (its input, then its output); in process that is
-two function calls instead of two gRPC round trips through Envoy, about
-1.3 ms of CPU per request on this machine (bench/gateway_overhead.py). The
+two function calls instead of two gRPC round trips through Envoy: about
+1 ms of CPU per request on this machine (bench/gateway_overhead.py
+--moderation service, against the default). The
 moderation service still serves /v1/moderations and the router can be
 pointed back at it (`MARIANA_ROUTER_MODERATION=service`)."""
 
