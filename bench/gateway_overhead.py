@@ -62,7 +62,7 @@ class Result:
     cpu_s: dict[str, float]
     seconds: float
     # Usage events billing had not applied when the phase ended (it works off
-    # the request path, from the Redis Stream, and falls behind at saturation).
+    # the request path, from the Redis Stream, and can fall behind).
     backlog: int = 0
 
 
