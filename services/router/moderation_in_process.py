@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mariana_common.tracing import annotate, internal_span
+from mariana_common.tracing import annotate, internal_span, tracing_enabled
 from services.moderation.metrics import count_verdicts
 from services.moderation.moderator import Moderator, Verdict
 from services.router.domain import Direction, ModerationVerdict, moderation_reasons
@@ -50,6 +50,7 @@ class InProcessModeration:
         preceding = list(contexts) if contexts else [context] * len(texts)
         with internal_span(SPAN, {"mariana.direction": direction, "mariana.texts": len(texts)}):
             verdicts = await self._moderator.check_batch(texts, tenant_id, direction, preceding)
-            annotate({"mariana.actions": ",".join(sorted({v.action.name.lower() for v in verdicts}))})
+            if tracing_enabled():
+                annotate({"mariana.actions": ",".join(sorted({v.action.name.lower() for v in verdicts}))})
         count_verdicts(direction, verdicts)
         return [verdict_of(v) for v in verdicts]

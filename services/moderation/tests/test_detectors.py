@@ -1,16 +1,13 @@
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 from services.moderation import pii
 from services.moderation.credentials import PATTERNS, entropy, find_secrets
+from services.moderation.evaluation import load_examples
 from services.moderation.injection import find_injection
 from services.moderation.pii import dni_valid, find_pii, iban_valid, luhn_valid
-
-EVAL_SET = Path(__file__).parents[3] / "tests" / "moderation" / "eval_set.jsonl"
+from services.moderation.tests.test_eval_set import EVAL_SET
 
 
 @pytest.mark.parametrize(
@@ -129,7 +126,7 @@ def test_the_quick_skips_never_skip_a_finding() -> None:
     """Each secret pattern runs only when one of its literals is in the text,
     PII patterns only with a digit, "@" or ":": every match of every pattern in
     the labelled set (and in the cases above) contains what its skip looks for."""
-    texts = [json.loads(line)["text"] for line in EVAL_SET.read_text().splitlines()]
+    texts = [example.text for example in load_examples(EVAL_SET)]
     texts += [
         "key AKIAIOSFODNN7EXAMPLE here",
         "token ghp_" + "a1B2" * 9,
