@@ -1,6 +1,8 @@
-"""What auth costs: the ext_authz `Check` call itself (latency at one caller,
-checks/s with many), and the latency the edge adds with auth on against the
-same platform with ext_authz removed (a measurement-only setting).
+"""What auth costs: the check call itself, on both of auth's check servers
+(the gRPC `Authorization/Check` and the HTTP check the edge uses by default;
+latency at one caller, checks/s with many), and the latency the edge adds with
+auth on against the same platform with ext_authz removed (a measurement-only
+setting).
 
     .venv/bin/python -m bench.auth_cost [--requests 1000]
 """
@@ -10,9 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import secrets
+import ssl
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -63,40 +67,79 @@ def edge_latency(edge: str, key: str, requests: int) -> list[float]:
     return samples
 
 
+Call = Callable[[], Awaitable[None]]
+
+
+async def measure(label: str, connect: Callable[[], Awaitable[Call]], requests: int) -> None:
+    """One caller's latency, then checks/s with 16 callers (each its own connection)."""
+    check = await connect()
+    for _ in range(100):
+        await check()
+    samples = []
+    for _ in range(requests):
+        started = time.perf_counter()
+        await check()
+        samples.append(time.perf_counter() - started)
+    print(f"{label}, 1 caller:   {summary(samples)}", flush=True)
+    callers = [await connect() for _ in range(16)]
+    done = 0
+    deadline = time.perf_counter() + 5
+
+    async def caller(call: Call) -> None:
+        nonlocal done
+        while time.perf_counter() < deadline:
+            await call()
+            done += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller(call) for call in callers))
+    print(f"{label}, 16 callers: {done / (time.perf_counter() - started):7.0f} checks/s", flush=True)
+
+
 async def check_calls(stack: Stack, key: str, requests: int) -> None:
+    """auth's two check servers, as Envoy calls them, with the operator's certificate."""
     assert stack.plan is not None
     operator = stack.plan.certs[OPERATOR]
     credentials = channel_credentials(operator.cert, operator.key, operator.ca)
     (port,) = stack.plan.service_ports["auth"]
+    (http_port,) = stack.plan.ext_authz_ports
     http = AttributeContextHttpRequest(headers={"authorization": f"Bearer {key}"}, path="/v1/models", method="GET")
     request = CheckRequest(attributes=AttributeContext(request=AttributeContextRequest(http=http)))
-    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
+    channels = []
+
+    async def grpc_check() -> Call:
+        channel = grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials)
+        channels.append(channel)
         check = channel.unary_unary(
             "/envoy.service.auth.v3.Authorization/Check",
             request_serializer=bytes,
             response_deserializer=CheckResponse.parse,
         )
-        for _ in range(100):
-            await check(request)
-        samples = []
-        for _ in range(requests):
-            started = time.perf_counter()
+
+        async def call() -> None:
             reply = await check(request)
-            samples.append(time.perf_counter() - started)
             assert reply.status.code == 0
-        print(f"Check, 1 caller:          {summary(samples)}")
-        done = 0
-        deadline = time.perf_counter() + 5
 
-        async def caller() -> None:
-            nonlocal done
-            while time.perf_counter() < deadline:
-                await check(request)
-                done += 1
+        return call
 
-        started = time.perf_counter()
-        await asyncio.gather(*(caller() for _ in range(16)))
-        print(f"Check, 16 callers:        {done / (time.perf_counter() - started):7.0f} checks/s")
+    tls = ssl.create_default_context(cafile=str(operator.ca))
+    tls.load_cert_chain(str(operator.cert), str(operator.key))
+    head = f"GET /check/v1/models HTTP/1.1\r\nhost: auth\r\nauthorization: Bearer {key}\r\n\r\n".encode()
+
+    async def http_check() -> Call:
+        reader, writer = await asyncio.open_connection("127.0.0.1", http_port, ssl=tls, server_hostname="localhost")
+
+        async def call() -> None:
+            writer.write(head)
+            reply = await reader.readuntil(b"\r\n\r\n")
+            assert reply.startswith(b"HTTP/1.1 200 ") and b"content-length: 0\r\n" in reply
+
+        return call
+
+    await measure("gRPC Check", grpc_check, requests)
+    await measure("HTTP check", http_check, requests)
+    for channel in channels:
+        await channel.close(None)
 
 
 def main() -> None:

@@ -183,11 +183,14 @@ def print_tables(results: list[Result], names: list[str]) -> None:
         print(f"| {r.path} | {r.rate} | " + " | ".join(f"{x:.3f}" for x in per) + f" | {sum(per):.3f} | {load:.3f} |")
 
 
+PATHS = ("direct", "edge-grpc", "edge-http", "edge-http-stream")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8.0, help="per phase")
     parser.add_argument("--rates", default="100,300,1000", help="fixed rates in req/s; saturation is always run")
-    parser.add_argument("--paths", default="direct,edge-grpc,edge-http,edge-http-stream")
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, of {', '.join(PATHS)}")
     parser.add_argument(
         "--moderation",
         choices=["in_process", "service"],
@@ -199,16 +202,25 @@ def main() -> None:
         metavar="PROCESS",
         help="py-spy the named process (e.g. router) during each saturation phase; needs `make bench-tools`",
     )
+    parser.add_argument(
+        "--ext-authz",
+        choices=["http", "grpc"],
+        default="http",
+        help="how the edge asks auth (the topology's edge.ext_authz_api)",
+    )
     parser.add_argument("--hold", action="store_true", help="keep the platform up after the run (for profiling)")
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",") if r] + [0.0]
     paths = args.paths.split(",")
+    if unknown := set(paths) - set(PATHS):
+        parser.error(f"unknown paths {sorted(unknown)}; choose from {', '.join(PATHS)}")
     master = "sk-bench-" + secrets.token_urlsafe(12)
     with tempfile.TemporaryDirectory() as data:
         # The per-tenant backstop at the edge (500/s) is a policy, not what the
         # platform can do: one bench tenant would hit it before saturation.
         raw = yaml.safe_load(DEFAULT_TOPOLOGY.read_text())
         raw["edge"]["tenant_rate_limit"] = {"requests_per_second": 1_000_000, "burst": 1_000_000}
+        raw["edge"]["ext_authz_api"] = args.ext_authz
         topology = Path(data) / "topology.yaml"
         topology.write_text(yaml.safe_dump(raw))
         settings = LauncherSettings(
@@ -221,7 +233,10 @@ def main() -> None:
             inference_backend="echo",
             service_settings={"router": {"MODERATION": args.moderation}},
         )
-        print(f"starting the platform with the echo backend, moderation {args.moderation} ...", flush=True)
+        print(
+            f"starting the platform: echo backend, moderation {args.moderation}, ext_authz {args.ext_authz} ...",
+            flush=True,
+        )
         with Stack(settings) as stack:
             assert stack.plan is not None
             edge = f"127.0.0.1:{stack.plan.edge_port}"

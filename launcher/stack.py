@@ -91,6 +91,7 @@ class Stack:
             "auth": {
                 "DATABASE": data / "auth" / "keys.db",
                 "PEPPER_FILE": data / "auth" / "pepper",
+                "EXT_AUTHZ_PORT": self.plan.ext_authz_ports[self.plan.service_ports[name].index(port)],
             },
             "billing": {"DATABASE": data / "billing" / "ledger.db", "CONSUMER_NAME": f"billing-{port}"},
             "inference": {"MODEL_DIR": self.settings.resolved_model_dir(), "BACKEND": self.settings.inference_backend},

@@ -56,18 +56,23 @@ class Server:
         await self.grpc.stop(grace)
 
 
+def allowed_peers(settings: ServiceSettings) -> frozenset[str]:
+    """The SPIFFE ids that may call this service; empty: anyone (without TLS a
+    sidecar authenticates callers: Istio's AuthorizationPolicy)."""
+    peers = frozenset(settings.tls_peers) if settings.tls else frozenset()
+    if peers:  # a service may ask itself (its container's health check)
+        peers |= uri_names(settings.tls_files()[0])
+    return peers
+
+
 def create_server(
     settings: ServiceSettings,
     register: Registrar,
     service_names: Iterable[str],
 ) -> Server:
     """Builds the server with mTLS (or plaintext behind a sidecar); `register` adds the service's servicers to it."""
-    # Without TLS a sidecar authenticates callers (Istio's AuthorizationPolicy).
-    peers = frozenset(settings.tls_peers) if settings.tls else frozenset()
-    if peers:  # a service may ask itself (its container's health check)
-        peers |= uri_names(settings.tls_files()[0])
     server = grpc.aio.server(
-        interceptors=[ErrorStatusInterceptor(peers)],
+        interceptors=[ErrorStatusInterceptor(allowed_peers(settings))],
         options=[("grpc.so_reuseport", 0)],
     )
     register(server)

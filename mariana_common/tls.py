@@ -9,6 +9,8 @@ reader can catch a new key beside an old certificate: such a pair is not taken
 
 from __future__ import annotations
 
+import ssl
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +80,14 @@ class CertificateFiles:
 
 def uri_names(cert: Path) -> frozenset[str]:
     """The URI names (SPIFFE ids) a certificate carries."""
-    certificate = x509.load_pem_x509_certificate(cert.read_bytes())
+    return _uri_names_of(x509.load_pem_x509_certificate(cert.read_bytes()))
+
+
+def uri_names_of_der(der: bytes) -> frozenset[str]:
+    return _uri_names_of(x509.load_der_x509_certificate(der))
+
+
+def _uri_names_of(certificate: x509.Certificate) -> frozenset[str]:
     try:
         names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -102,6 +111,33 @@ def server_credentials(cert: Path, key: Path, ca: Path) -> grpc.ServerCredential
         fetch,  # type: ignore[arg-type]
         require_client_authentication=True,
     )
+
+
+class ServerSslContext:
+    """An ssl.SSLContext for an asyncio server, client certificates required,
+    that takes rotated files for new handshakes (`refresh`, called
+    periodically: a pair caught halfway through a rotation is not taken)."""
+
+    def __init__(self, cert: Path, key: Path, ca: Path) -> None:
+        self._files = CertificateFiles(cert, key, ca)
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.verify_mode = ssl.CERT_REQUIRED
+        self._load(self._files.pair)
+
+    def _load(self, pair: KeyPair) -> None:
+        self.context.load_verify_locations(cadata=pair.ca.decode())
+        with tempfile.TemporaryDirectory() as tmp:  # OpenSSL reads a chain from files only
+            cert, key = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
+            cert.write_bytes(pair.cert)
+            key.touch(0o600)
+            key.write_bytes(pair.key)
+            self.context.load_cert_chain(cert, key)
+
+    def refresh(self) -> bool:
+        if not self._files.refresh():
+            return False
+        self._load(self._files.pair)
+        return True
 
 
 def channel_credentials(cert: Path, key: Path, ca: Path) -> grpc.ChannelCredentials:

@@ -46,7 +46,7 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.google.protobuf import Any
 
-from mesh.envoy_edge import edge_listener
+from mesh.envoy_edge import edge_listener, ext_authz_cluster
 from mesh.envoy_parts import (
     access_log,
     address,
@@ -119,6 +119,8 @@ def render_bootstrap(plan: Plan, index: int = 0, edge_auth: bool = True) -> Boot
     if not plan.service_dns:  # on Kubernetes, Istio's sidecars are the mesh
         listeners += [mesh_listener(plan, name, s, index) for name, s in services.items() if name in plan.mesh_ports]
     clusters = [cluster(plan, name, s) for name, s in services.items()]
+    if edge_auth and plan.topology.edge.ext_authz_api == "http":
+        clusters.append(ext_authz_cluster(plan))
     if plan.otlp_endpoint:
         clusters.append(collector_cluster(plan))
     return Bootstrap(

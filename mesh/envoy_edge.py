@@ -6,8 +6,10 @@ JSON <-> gRPC and answers errors in OpenAI's shape."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import timedelta
 
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.config.common.mutation_rules.v3 import HeaderMutation as HeaderMutationRule
 from envoy_data_plane.envoy.config.core.v3 import (
     ApiVersion,
@@ -17,10 +19,13 @@ from envoy_data_plane.envoy.config.core.v3 import (
     GrpcServiceEnvoyGrpc,
     HeaderValue,
     HeaderValueOption,
+    HealthCheckHttpHealthCheck,
+    Http1ProtocolOptions,
+    HttpUri,
     RuntimeFractionalPercent,
 )
-from envoy_data_plane.envoy.config.core.v3 import RetryPolicy as GrpcRetryPolicy
-from envoy_data_plane.envoy.config.core.v3 import RetryPolicyRetryHostPredicate as GrpcRetryHostPredicate
+from envoy_data_plane.envoy.config.core.v3 import RetryPolicy as CoreRetryPolicy
+from envoy_data_plane.envoy.config.core.v3 import RetryPolicyRetryHostPredicate as CoreRetryHostPredicate
 from envoy_data_plane.envoy.config.listener.v3 import FilterChain, Listener
 from envoy_data_plane.envoy.config.route.v3 import (
     DirectResponseAction,
@@ -38,7 +43,12 @@ from envoy_data_plane.envoy.extensions.common.ratelimit.v3 import (
     RateLimitDescriptorEntry,
     XRateLimitHeadersRfcVersion,
 )
-from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthz
+from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import (
+    AuthorizationRequest,
+    AuthorizationResponse,
+    ExtAuthz,
+    HttpService,
+)
 from envoy_data_plane.envoy.extensions.filters.http.grpc_json_transcoder.v3 import (
     GrpcJsonTranscoder,
     GrpcJsonTranscoderPrintOptions,
@@ -53,6 +63,11 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpFilter,
 )
 from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate as PreviousHosts
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptions,
+    HttpProtocolOptionsExplicitHttpConfig,
+)
+from envoy_data_plane.envoy.type.matcher.v3 import ListStringMatcher, StringMatcher
 from envoy_data_plane.envoy.type.v3 import FractionalPercent, HttpStatus, StatusCode, TokenBucket
 from envoy_data_plane.google.protobuf import Any
 
@@ -61,14 +76,16 @@ from mesh.envoy_parts import (
     PREVIOUS_HOSTS,
     access_log,
     address,
+    cluster,
     http_filter,
     network_filter,
     service_routes,
     tracing,
 )
-from mesh.plan import Plan
+from mesh.plan import AUTH, Plan
 from mesh.topology import EDGE
 from services.auth.ext_authz import IDENTITY_HEADERS
+from services.auth.http_check import CHECK_PATH_PREFIX, FORWARDED_HEADERS, HEALTH_PATH
 
 LLM_SERVICE = "mariana.llm.v1.LlmService"
 AUTH_ADMIN_SERVICE = "mariana.auth.v1.AuthAdminService"
@@ -224,24 +241,75 @@ def _edge_routes(plan: Plan) -> list[Route]:
     ]
 
 
+EXT_AUTHZ_CLUSTER = "auth_ext_authz"
+# What a denial may tell the client; on success, the rate-limit headers.
+_DENIAL_HEADERS = ("content-type", "retry-after", "grpc-status")
+_RATE_LIMIT_PREFIX = "x-ratelimit-"
+
+
+def _exact(names: tuple[str, ...]) -> list[StringMatcher]:
+    return [StringMatcher(exact=name) for name in names]
+
+
 def _ext_authz(plan: Plan) -> ExtAuthz:
     edge = plan.topology.edge
     retry = edge.ext_authz_retry
-    policy = GrpcRetryPolicy(
+    policy = CoreRetryPolicy(
         retry_on=",".join(retry.retry_on),
         num_retries=retry.num_retries,
         retry_back_off=BackoffStrategy(base_interval=retry.backoff_base, max_interval=retry.backoff_max),
         # least-request would pick a dead replica (it has no requests) again
-        retry_host_predicate=[GrpcRetryHostPredicate(name=PREVIOUS_HOSTS, typed_config=Any.pack(PreviousHosts()))],
+        retry_host_predicate=[CoreRetryHostPredicate(name=PREVIOUS_HOSTS, typed_config=Any.pack(PreviousHosts()))],
         host_selection_retry_max_attempts=HOST_SELECTION_ATTEMPTS,
     )
-    return ExtAuthz(
-        grpc_service=GrpcService(
-            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name="auth"), timeout=edge.ext_authz_timeout, retry_policy=policy
+    if edge.ext_authz_api == "grpc":
+        grpc = GrpcService(
+            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=AUTH), timeout=edge.ext_authz_timeout, retry_policy=policy
+        )
+        return _ext_authz_filter(grpc_service=grpc)
+    rate_limit = StringMatcher(prefix=_RATE_LIMIT_PREFIX)
+    http = HttpService(
+        server_uri=HttpUri(uri=f"http://{AUTH}", cluster=EXT_AUTHZ_CLUSTER, timeout=edge.ext_authz_timeout),
+        path_prefix=CHECK_PATH_PREFIX,
+        authorization_request=AuthorizationRequest(
+            allowed_headers=ListStringMatcher(patterns=_exact(FORWARDED_HEADERS))
         ),
+        authorization_response=AuthorizationResponse(
+            allowed_upstream_headers=ListStringMatcher(patterns=_exact(IDENTITY_HEADERS)),
+            allowed_client_headers=ListStringMatcher(patterns=[*_exact(_DENIAL_HEADERS), rate_limit]),
+            allowed_client_headers_on_success=ListStringMatcher(patterns=[rate_limit]),
+        ),
+        retry_policy=policy,
+    )
+    return _ext_authz_filter(http_service=http)
+
+
+def _ext_authz_filter(grpc_service: GrpcService | None = None, http_service: HttpService | None = None) -> ExtAuthz:
+    return ExtAuthz(
+        grpc_service=grpc_service,
+        http_service=http_service,
         transport_api_version=ApiVersion.V3,
         failure_mode_allow=False,
         status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
+    )
+
+
+def ext_authz_cluster(plan: Plan) -> Cluster:
+    """auth's HTTP check port: the auth cluster's policy (breaker, outlier
+    detection, mTLS as Envoy), HTTP/1.1, health from `GET /healthz`."""
+    service = plan.topology.services[AUTH]
+    base = cluster(plan, AUTH, service, ports=plan.ext_authz_ports, cluster_name=EXT_AUTHZ_CLUSTER)
+    http1 = HttpProtocolOptions(
+        explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http_protocol_options=Http1ProtocolOptions())
+    )
+    health = [
+        replace(check, grpc_health_check=None, http_health_check=HealthCheckHttpHealthCheck(path=HEALTH_PATH))
+        for check in base.health_checks
+    ]
+    return replace(
+        base,
+        typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(http1)},
+        health_checks=health,
     )
 
 

@@ -197,13 +197,15 @@ def _thresholds(service: Service) -> CircuitBreakersThresholds:
     )
 
 
-def _upstream(plan: Plan, name: str) -> tuple[ClusterDiscoveryType, list[LbEndpoint], TransportSocket | None]:
+def _upstream(
+    plan: Plan, name: str, ports: list[int]
+) -> tuple[ClusterDiscoveryType, list[LbEndpoint], TransportSocket | None]:
     """Locally: each replica's port, over mTLS as Envoy. On Kubernetes: the
     service's DNS name in plaintext to the pod's sidecar, which does mTLS."""
     if plan.service_dns:
-        dns = address(plan.service_ports[name][0], f"{name}.{plan.service_dns}")
+        dns = address(ports[0], f"{name}.{plan.service_dns}")
         return ClusterDiscoveryType.STRICT_DNS, [LbEndpoint(endpoint=Endpoint(address=dns))], None
-    endpoints = [LbEndpoint(endpoint=Endpoint(address=address(port))) for port in plan.service_ports[name]]
+    endpoints = [LbEndpoint(endpoint=Endpoint(address=address(port))) for port in ports]
     upstream_tls = UpstreamTlsContext(
         common_tls_context=tls_context(plan, [plan.topology.spiffe_id(name)]), sni="localhost"
     )
@@ -211,20 +213,25 @@ def _upstream(plan: Plan, name: str) -> tuple[ClusterDiscoveryType, list[LbEndpo
     return ClusterDiscoveryType.STATIC, endpoints, tls
 
 
-def cluster(plan: Plan, name: str, service: Service) -> Cluster:
-    discovery, endpoints, transport_socket = _upstream(plan, name)
+def cluster(
+    plan: Plan, name: str, service: Service, *, ports: list[int] | None = None, cluster_name: str | None = None
+) -> Cluster:
+    """Service `name`'s replicas (on `ports`, by default its gRPC ports), as
+    the cluster `cluster_name` (by default `name`)."""
+    discovery, endpoints, transport_socket = _upstream(plan, name, plan.service_ports[name] if ports is None else ports)
+    cluster_name = cluster_name or name
     protocol = HttpProtocolOptions(
         explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
     )
     outlier = service.outlier_detection
     health = service.health_check
     return Cluster(
-        name=name,
+        name=cluster_name,
         type=discovery,
         connect_timeout=timedelta(seconds=1),
         lb_policy=_LB_POLICIES[service.lb_policy],
         load_assignment=ClusterLoadAssignment(
-            cluster_name=name, endpoints=[LocalityLbEndpoints(lb_endpoints=endpoints)]
+            cluster_name=cluster_name, endpoints=[LocalityLbEndpoints(lb_endpoints=endpoints)]
         ),
         typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(protocol)},
         transport_socket=transport_socket,

@@ -102,14 +102,20 @@ class Renderer:
             )
         return env
 
-    @staticmethod
-    def _program_settings(program: str) -> dict[str, str]:
+    def _program_settings(self, program: str) -> dict[str, str]:
         model = f"{MODELS_MOUNT}/smollm2-135m-instruct"
         settings: dict[str, dict[str, str]] = {
             "inference": {"MODEL_DIR": model, "BACKEND": "deepspeed"},
             "router": {"TOKENIZER_DIR": model, "SPOOL_FILE": "/var/spool/mariana/usage.jsonl"},
+            "auth": {"EXT_AUTHZ_PORT": str(self.topology.edge.ext_authz_port)},
         }
         return settings.get(program, {})
+
+    def extra_ports(self, program: str) -> list[Manifest]:
+        """auth serves Envoy's HTTP ext_authz check on a port of its own."""
+        if program != "auth":
+            return []
+        return [{"name": "http-ext-authz", "containerPort": self.topology.edge.ext_authz_port, "protocol": "TCP"}]
 
     def deployment(self, name: str, service: Service) -> Manifest:
         program = service.program_of(name)
@@ -120,6 +126,7 @@ class Renderer:
             "ports": [
                 {"name": "grpc", "containerPort": service.port, "protocol": "TCP"},
                 {"name": "http-metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+                *self.extra_ports(program),
             ],
             "env": self.env(name, service),
             "readinessProbe": probe,
@@ -178,7 +185,18 @@ class Renderer:
             "spec": {
                 "selector": {"app": name},
                 # "grpc" tells Istio the protocol
-                "ports": [{"name": "grpc", "port": service.port, "targetPort": service.port, "appProtocol": "grpc"}],
+                "ports": [
+                    {"name": "grpc", "port": service.port, "targetPort": service.port, "appProtocol": "grpc"},
+                    *(
+                        {
+                            "name": p["name"],
+                            "port": p["containerPort"],
+                            "targetPort": p["containerPort"],
+                            "appProtocol": "http",
+                        }
+                        for p in self.extra_ports(service.program_of(name))
+                    ),
+                ],
             },
         }
 
@@ -298,6 +316,7 @@ class Renderer:
         return replace(
             plan,
             edge_ports=[EDGE_PORT],
+            ext_authz_ports=[self.topology.edge.ext_authz_port],
             admin_ports=[ENVOY_ADMIN_PORT],
             service_ports={name: [s.port] for name, s in self.topology.services.items()},
             service_dns=f"{self.namespace}.svc.cluster.local",

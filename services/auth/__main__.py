@@ -8,12 +8,14 @@ import grpc
 from mariana_common.channels import mesh_channel
 from mariana_common.logs import start_telemetry
 from mariana_common.redis_client import redis_client
-from mariana_common.server import create_server, run, serve
+from mariana_common.server import allowed_peers, create_server, run, serve
 from mariana_common.settings import RedisSettings
 from mariana_common.sql import Database, database_url
+from mariana_common.tls import ServerSslContext
 from services.auth import admin_servicer, ext_authz
 from services.auth.authorizer import Authorizer
 from services.auth.budgets import BillingBudgets
+from services.auth.http_check import CheckServer, decider
 from services.auth.jwt_tokens import JwtVerifier
 from services.auth.rate_limit import RateLimiter
 from services.auth.settings import AuthSettings
@@ -45,13 +47,23 @@ async def main() -> None:
         cache_ttl_s=settings.cache_ttl_s,
     )
 
+    authz = ext_authz.ExtAuthz(authorizer)
+
     def register_all(server: grpc.aio.Server) -> None:
-        ext_authz.register(ext_authz.ExtAuthz(authorizer))(server)
+        ext_authz.register(authz)(server)
         admin_servicer.register(store, authorizer)(server)
 
     server = create_server(settings, register_all, [ext_authz.SERVICE_NAME, admin_servicer.SERVICE_NAME])
+    check = CheckServer(decider(authz), allowed_peers(settings))
+    if settings.ext_authz_port is not None:
+        tls = ServerSslContext(*settings.tls_files()) if settings.tls else None
+        await check.start(settings.host, settings.ext_authz_port, tls)
+
+    async def drain_check() -> None:
+        check.serving = False
+
     try:
-        await serve(server, settings)
+        await serve(server, settings, before_stop=drain_check)
     finally:
         await client.aclose()
         if billing is not None:

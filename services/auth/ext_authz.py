@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass
 from http import HTTPStatus
 
 import grpc
@@ -87,24 +88,32 @@ def allow(verdict: Verdict) -> bytes:
     return answer
 
 
-def _denied(
+@dataclass(frozen=True)
+class Denial:
+    """What the client gets instead of an answer, for either transport."""
+
+    http: HTTPStatus
+    grpc_code: int
+    message: str
+    body: str  # OpenAI's error JSON
+    headers: dict[str, str]  # for the client, content-type included
+
+
+def _denial(
     grpc_code: int, http: HTTPStatus, kind: str, code: str, message: str, extra: dict[str, str] | None = None
-) -> bytes:
+) -> Denial:
     body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
-    headers = [_header("content-type", "application/json")] + [_header(k, v) for k, v in (extra or {}).items()]
-    denied = ExtAuthzDeniedHttpResponse(status=ExtAuthzHttpStatus(code=http), headers=headers, body=body)
-    status = ExtAuthzStatus(code=grpc_code, message=message)
-    return ExtAuthzCheckResponse(status=status, denied_response=denied).SerializeToString()
+    return Denial(http, grpc_code, message, body, {"content-type": "application/json", **(extra or {})})
 
 
-def deny(error: Exception, grpc_client: bool = False) -> bytes:
+def denial_of(error: Exception, grpc_client: bool = False) -> Denial:
     if isinstance(error, RateLimited):
         decision = error.decision
         headers = {"retry-after": str(max(1, int(decision.retry_after_s))), **decision.headers}
         if grpc_client:  # Envoy would map HTTP 429 to UNAVAILABLE; gRPC's own code is RESOURCE_EXHAUSTED
             headers["grpc-status"] = str(GRPC_RESOURCE_EXHAUSTED)
         kind = decision.exceeded or "requests"
-        return _denied(
+        return _denial(
             GRPC_RESOURCE_EXHAUSTED,
             HTTPStatus.TOO_MANY_REQUESTS,
             kind,
@@ -114,7 +123,7 @@ def deny(error: Exception, grpc_client: bool = False) -> bytes:
         )
     if isinstance(error, QuotaExceeded):
         extra = {"grpc-status": str(GRPC_RESOURCE_EXHAUSTED)} if grpc_client else {}
-        return _denied(
+        return _denial(
             GRPC_RESOURCE_EXHAUSTED,
             HTTPStatus.TOO_MANY_REQUESTS,
             "insufficient_quota",
@@ -123,11 +132,11 @@ def deny(error: Exception, grpc_client: bool = False) -> bytes:
             extra,
         )
     if isinstance(error, PermissionDenied):
-        return _denied(
+        return _denial(
             GRPC_PERMISSION_DENIED, HTTPStatus.FORBIDDEN, "permission_error", "permission_denied", str(error)
         )
     if isinstance(error, Unavailable):
-        return _denied(
+        return _denial(
             GRPC_UNAVAILABLE,
             HTTPStatus.SERVICE_UNAVAILABLE,
             "server_error",
@@ -135,28 +144,53 @@ def deny(error: Exception, grpc_client: bool = False) -> bytes:
             str(error),
             {"retry-after": "1"},
         )
-    return _denied(
+    return _denial(
         GRPC_UNAUTHENTICATED, HTTPStatus.UNAUTHORIZED, "invalid_request_error", "invalid_api_key", str(error)
     )
 
 
+def deny(error: Exception, grpc_client: bool = False) -> bytes:
+    """The denial as Envoy's gRPC CheckResponse."""
+    denial = denial_of(error, grpc_client)
+    headers = [_header(k, v) for k, v in denial.headers.items()]
+    denied = ExtAuthzDeniedHttpResponse(status=ExtAuthzHttpStatus(code=denial.http), headers=headers, body=denial.body)
+    status = ExtAuthzStatus(code=denial.grpc_code, message=denial.message)
+    return ExtAuthzCheckResponse(status=status, denied_response=denied).SerializeToString()
+
+
+DENIALS = (Unauthenticated, PermissionDenied, Unavailable, RateLimited, QuotaExceeded)
+
+
 class ExtAuthz:
+    """The check itself, whatever carries it: a Verdict, or the error to deny with."""
+
     def __init__(self, authorizer: Authorizer) -> None:
         self._authorizer = authorizer
 
+    async def decide(self, authorization: str, path: str, request_id: str | None) -> Verdict | Exception:
+        try:
+            verdict = await self._authorizer.authorize(authorization, path)
+        except DENIALS as error:
+            log.info("denied", path=path, reason=str(error), request_id=request_id)
+            CHECKS.labels(DENIAL_RESULTS[type(error)]).inc()
+            return error
+        CHECKS.labels("allowed").inc()
+        return verdict
+
     async def check(self, request: ExtAuthzCheckRequest, context: Context) -> bytes:
+        """Envoy's gRPC `Authorization/Check`."""
         if not request.attributes.request.HasField("http"):
             return deny(Unauthenticated("no HTTP attributes in the check request"))
         http = request.attributes.request.http
-        try:
-            verdict = await self._authorizer.authorize(http.headers.get("authorization", ""), http.path)
-        except (Unauthenticated, PermissionDenied, Unavailable, RateLimited, QuotaExceeded) as error:
-            log.info("denied", path=http.path, reason=str(error), request_id=http.headers.get("x-request-id"))
-            CHECKS.labels(DENIAL_RESULTS[type(error)]).inc()
-            grpc_client = http.headers.get("content-type", "").startswith("application/grpc")
-            return deny(error, grpc_client)
-        CHECKS.labels("allowed").inc()
-        return allow(verdict)
+        headers = http.headers
+        decision = await self.decide(headers.get("authorization", ""), http.path, headers.get("x-request-id"))
+        if isinstance(decision, Verdict):
+            return allow(decision)
+        return deny(decision, is_grpc(headers.get("content-type", "")))
+
+
+def is_grpc(content_type: str) -> bool:
+    return content_type.startswith("application/grpc")
 
 
 def register(authz: ExtAuthz) -> Registrar:

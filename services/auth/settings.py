@@ -32,6 +32,13 @@ class AuthSettings(ServiceSettings):
     billing_target: str | None = Field(
         None, description="host:port of Envoy's mesh listener for billing; budgets are not enforced without it."
     )
+    ext_authz_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Where Envoy's HTTP ext_authz check is served (same host, TLS and peers as the gRPC port); "
+        "unset: only the gRPC Check.",
+    )
     rate_limit_failure: Literal["open", "closed"] = Field(
         "open", description="When Redis is down: admit requests (open) or refuse them with 503 (closed)."
     )

@@ -178,19 +178,19 @@ def test_rotating_every_certificate_under_load_fails_no_request(mesh: tuple[Stac
     stack, _ = mesh
     assert stack.plan is not None
     plan = stack.plan
-    mesh_port = plan.mesh_ports["inference"][0]
-    router_port = plan.service_ports["router"][0]
-    before = serial_served_at(mesh_port, stack), serial_served_at(router_port, stack)
+    # Envoy's mesh listener, the router's gRPC port, auth's HTTP check port (Python's ssl)
+    ports = plan.mesh_ports["inference"][0], plan.service_ports["router"][0], plan.ext_authz_ports[0]
+    before = [serial_served_at(port, stack) for port in ports]
     with Load(edge(stack, 0), load_keys, LOAD_RPS) as load:
         run_for(2, load)
         stack.rotate_certificates()
-        rotated = serial_in_file(plan.certs["envoy"].cert), serial_in_file(plan.certs["router"].cert)
+        rotated = [serial_in_file(plan.certs[name].cert) for name in ("envoy", "router", "auth")]
         deadline = time.monotonic() + 15
-        while (serial_served_at(mesh_port, stack), serial_served_at(router_port, stack)) != rotated:
+        while [serial_served_at(port, stack) for port in ports] != rotated:
             assert time.monotonic() < deadline, "the rotated certificates were not taken up"
             time.sleep(0.2)
         run_for(3, load)  # new connections on the new certificates, old ones draining
-    assert rotated != before
+    assert all(new != old for new, old in zip(rotated, before, strict=True))
     assert load.total() >= 4 * LOAD_RPS
     assert load.failures() == {}
     # Nothing was restarted, and the router's own client certificate was taken up too.
@@ -222,7 +222,9 @@ def test_killing_one_replica_of_each_service_and_one_envoy_fails_no_request(
     # Envoy-1 has taken the dead replicas out of rotation by now.
     assert stack.plan is not None
     clusters = urllib.request.urlopen(f"http://127.0.0.1:{stack.plan.admin_ports[1]}/clusters", timeout=5).read()
-    dead_ports = {stack.plan.service_ports[name.rsplit("-", 1)[0]][0] for name in victims[:3]}
+    # the ports that carried their traffic (auth's: Envoy's ext_authz check)
+    plan = stack.plan
+    dead_ports = {plan.service_ports["inference"][0], plan.ext_authz_ports[0], plan.service_ports["router"][0]}
     unhealthy = {
         int(line.split("::")[1].rsplit(":", 1)[1])
         for line in clusters.decode().splitlines()
