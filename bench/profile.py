@@ -41,7 +41,7 @@ class Profile:
         argv += ["--gil", "--nonblocking", "--format", "raw", "--output", str(self._out)]
         self._process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def report(self, requests: int, top: int = 25) -> str:
+    def report(self, requests: int, top: int = 40) -> str:
         self._process.wait(timeout=120)
         if not self._out.exists():
             return "(py-spy wrote no profile: is ptrace allowed here?)"

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Awaitable, Callable
 from typing import cast
 
 import structlog
 
+from mariana_common.interceptors import trace_id_from
+from mariana_common.metrics import observe_call
 from mariana_common.tls import LOOK_INTERVAL_S, ServerSslContext, uri_names_of_der
 from services.auth.authorizer import Verdict
 from services.auth.ext_authz import IDENTITY_HEADERS, ExtAuthz, denial_of, is_grpc
@@ -117,7 +120,10 @@ def answer(decision: Verdict | Exception, content_type: str) -> bytes:
 def decider(authz: ExtAuthz) -> Decide:
     async def decide(head: Head) -> bytes:
         headers = head.headers
+        structlog.contextvars.bind_contextvars(trace_id=trace_id_from(headers.items()), rpc=CHECK_PATH_PREFIX)
+        started = time.perf_counter()
         decision = await authz.decide(headers.get("authorization", ""), head.path, headers.get("x-request-id"))
+        observe_call(CHECK_PATH_PREFIX, "OK", time.perf_counter() - started)
         return answer(decision, headers.get("content-type", ""))
 
     return decide

@@ -24,6 +24,7 @@ log = structlog.get_logger()
 TRACER = trace.get_tracer("mariana.billing")
 
 APPLIED = Counter("mariana_billing_events_applied_total", "Usage events that became ledger entries.")
+CONSUMER_FAILURES = Counter("mariana_billing_consumer_failures_total", "Batches that failed and will be retried.")
 DEAD_LETTERS = Counter("mariana_billing_dead_letters_total", "Usage events that could not be applied.")
 LAG = Gauge("mariana_billing_consumer_lag_events", "Usage events published but not yet applied (lag + pending).")
 
@@ -203,17 +204,24 @@ class UsageConsumer:
     async def run(self, stop: asyncio.Event) -> None:
         await self.ensure_group()
         await self.sync_admission_state()
-        # First what this consumer read but did not acknowledge before a crash,
-        # then what consumers that are gone left behind.
-        while pending := await self._read("0"):
-            await self.apply(pending)
         await self.reclaim()
         loop = asyncio.get_running_loop()
         next_reclaim = loop.time() + self._reclaim_idle_ms / 1000
         next_reap = loop.time() + self._reap_interval_s
         next_lag = loop.time()
-        while not stop.is_set():
+        # First what this consumer read but did not acknowledge (before a
+        # crash, or a batch that failed), then new messages.
+        replay, resync = True, False
+        while True:
             try:
+                if resync:  # a batch may have committed to the ledger and not reached Redis
+                    await self.sync_admission_state()
+                    resync = False
+                while replay and (pending := await self._read("0")):
+                    await self.apply(pending)
+                replay = False
+                if stop.is_set():
+                    return
                 messages = await self._read(">")
                 if messages:
                     applied = await self.apply(messages)
@@ -233,4 +241,13 @@ class UsageConsumer:
                         log.warning("reclaimed usage left by a gone consumer", entries=claimed)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("redis unavailable; retrying", error=str(exc))
+                replay = True
+                await asyncio.sleep(1)
+            except Exception:  # noqa: BLE001 - the consumer must outlive any one batch
+                # What was read and not acknowledged stays pending and is read
+                # again, so nothing is lost; a consumer task that died would
+                # silently stop all billing.
+                log.exception("applying usage failed; retrying what is pending")
+                CONSUMER_FAILURES.inc()
+                replay = resync = True
                 await asyncio.sleep(1)

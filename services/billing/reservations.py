@@ -115,8 +115,9 @@ redis.call('HINCRBY', KEYS[1], 'spent', ARGV[1])
 redis.call('HINCRBY', KEYS[2], 'spent', ARGV[1])
 local amount = redis.call('HGET', KEYS[3], 'amount')
 if amount then
-  redis.call('HINCRBY', KEYS[1], 'reserved', -tonumber(amount))
-  redis.call('HINCRBY', KEYS[2], 'reserved', -tonumber(amount))
+  -- 0 - x, not -x: Lua's -0 reaches Redis as "-0", which HINCRBY refuses
+  redis.call('HINCRBY', KEYS[1], 'reserved', 0 - tonumber(amount))
+  redis.call('HINCRBY', KEYS[2], 'reserved', 0 - tonumber(amount))
   redis.call('DEL', KEYS[3])
 end
 redis.call('ZREM', KEYS[4], ARGV[2])
@@ -134,8 +135,8 @@ for _, id in ipairs(ids) do
   local key = 'mariana:resv:' .. id
   local r = redis.call('HMGET', key, 'amount', 'tenant_scope', 'key_scope')
   if r[1] then
-    redis.call('HINCRBY', r[2], 'reserved', -tonumber(r[1]))
-    redis.call('HINCRBY', r[3], 'reserved', -tonumber(r[1]))
+    redis.call('HINCRBY', r[2], 'reserved', 0 - tonumber(r[1]))
+    redis.call('HINCRBY', r[3], 'reserved', 0 - tonumber(r[1]))
     redis.call('DEL', key)
   end
   redis.call('ZREM', KEYS[1], id)

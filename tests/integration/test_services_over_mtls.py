@@ -39,11 +39,11 @@ from services.auth.authorizer import Authorizer
 from services.auth.rate_limit import RateLimiter
 from services.auth.store import KeyStore, Scopes
 from services.billing import servicer as billing_servicer
-from services.billing.consumer import DEAD_LETTER_SUFFIX, UsageConsumer
+from services.billing.consumer import CONSUMER_FAILURES, DEAD_LETTER_SUFFIX, UsageConsumer
 from services.billing.events import decode
 from services.billing.ledger import Entry, Ledger
 from services.billing.prices import load_prices
-from services.billing.reservations import Reservations
+from services.billing.reservations import Reservations, tenant_scope
 from services.moderation import servicer as moderation_servicer
 from services.moderation.moderator import Moderator
 from services.moderation.policy import load_policy
@@ -356,6 +356,42 @@ async def test_applied_usage_turns_reservations_into_spend_once(flush_redis: str
     scope = await reservations.scope("tenant-a")
     assert (scope["spent"], scope["reserved"]) == (cost, 0)
     assert len(ledger.entries("tenant-a")) == 4
+    await client.aclose()
+
+
+async def test_the_consumer_outlives_a_batch_that_fails_and_applies_it_later(
+    flush_redis: str, tmp_path: Path
+) -> None:
+    client = aioredis.Redis.from_url(flush_redis)
+    reservations = Reservations(client)
+    ledger = Ledger(Database(f"sqlite:///{tmp_path / 'ledger.db'}"))
+    consumer = UsageConsumer(
+        client, ledger, load_prices(), "usage", "billing", "c1", block_ms=50, reservations=reservations
+    )
+    # The tenant's budget counters are unusable (here: the wrong Redis type), so applying fails.
+    await client.set(tenant_scope("tenant-a"), "not a hash")
+    publisher = publisher_for(client, tmp_path)
+    publisher.start()
+    publisher.publish(usage("r1"))
+    await publisher.close(5)
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    for _ in range(100):
+        if CONSUMER_FAILURES._value.get() >= 1:
+            break
+        await asyncio.sleep(0.05)
+    failures = CONSUMER_FAILURES._value.get()
+    assert failures >= 1 and not task.done()
+    await client.delete(tenant_scope("tenant-a"))  # repaired: the retry goes through
+    for _ in range(100):
+        if (await client.xpending("usage", "billing"))["pending"] == 0 and await reservations.scope("tenant-a"):
+            break
+        await asyncio.sleep(0.05)
+    stop.set()
+    await task
+    assert [e.request_id for e in ledger.entries("tenant-a")] == ["r1"]
+    assert (await reservations.scope("tenant-a"))["spent"] == ledger.entries("tenant-a")[0].cost_micros
+    assert (await client.xpending("usage", "billing"))["pending"] == 0
     await client.aclose()
 
 

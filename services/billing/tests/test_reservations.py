@@ -82,6 +82,24 @@ async def test_a_reservation_whose_lease_ended_is_released(client: redis.Redis) 
     assert (await reservations.scope("t"))["reserved"] == 10
 
 
+async def test_a_reservation_settled_to_nothing_applies_and_expires_cleanly(client: redis.Redis) -> None:
+    """A request cut off before its first token settles to 0; Lua's -0 once
+    reached Redis as "-0", which HINCRBY refuses, and stopped billing."""
+    reservations = Reservations(client)
+    for request_id, lease_ms in (("cut", 60_000), ("cut-and-gone", 50)):
+        assert await reservations.reserve(request_id, "t", "k", 80, 1, lease_ms, []) is None
+        assert await reservations.settle(request_id, 0, 0)
+    await reservations.apply("cut", "t", "k", 0)
+    released: list[str] = []
+    for _ in range(100):
+        if released := await reservations.release_expired():
+            break
+        await asyncio.sleep(0.01)
+    assert released == ["cut-and-gone"]
+    tenant, key = await reservations.scope("t"), await reservations.scope("t", "k")
+    assert (tenant["spent"], tenant["reserved"], key["spent"], key["reserved"]) == (0, 0, 0, 0)
+
+
 async def test_reserving_the_same_request_twice_takes_once(client: redis.Redis) -> None:
     reservations = Reservations(client)
     await reservations.reserve("a", "t", "k", 40, 1, 60_000, [])
