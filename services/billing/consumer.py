@@ -243,7 +243,7 @@ class UsageConsumer:
                 log.warning("redis unavailable; retrying", error=str(exc))
                 replay = True
                 await asyncio.sleep(1)
-            except Exception:  # noqa: BLE001 - the consumer must outlive any one batch
+            except Exception:  # the consumer must outlive any one batch
                 # What was read and not acknowledged stays pending and is read
                 # again, so nothing is lost; a consumer task that died would
                 # silently stop all billing.

@@ -359,9 +359,7 @@ async def test_applied_usage_turns_reservations_into_spend_once(flush_redis: str
     await client.aclose()
 
 
-async def test_the_consumer_outlives_a_batch_that_fails_and_applies_it_later(
-    flush_redis: str, tmp_path: Path
-) -> None:
+async def test_the_consumer_outlives_a_batch_that_fails_and_applies_it_later(flush_redis: str, tmp_path: Path) -> None:
     client = aioredis.Redis.from_url(flush_redis)
     reservations = Reservations(client)
     ledger = Ledger(Database(f"sqlite:///{tmp_path / 'ledger.db'}"))
