@@ -81,3 +81,51 @@ async def test_authorizer_refuses_over_the_limit(flush_redis: str, tmp_path: obj
     with pytest.raises(RateLimited) as refused:
         await authorizer.authorize(f"Bearer {key.secret}", "/v1/models")
     assert refused.value.decision.retry_after_s >= 1
+
+
+async def evalsha_calls(client: redis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+async def test_a_busy_key_takes_request_tokens_in_leases(flush_redis: str) -> None:
+    client = redis.Redis.from_url(flush_redis)
+    limiter = RateLimiter(client)
+    limits = limits_for("k", "t", key_rpm=100_000, key_tpm=None, tenant_rpm=None, tenant_tpm=1_000_000)
+    before = await evalsha_calls(client)
+    decisions = [await limiter.admit(limits) for _ in range(300)]
+    calls = await evalsha_calls(client) - before
+    assert all(d.allowed for d in decisions)
+    assert calls < 30  # 1, 2, 4, ... then leases of 64 (1% of the limit at most)
+    # What the client is told counts the tokens this replica holds as remaining.
+    remaining = [int(d.headers["x-ratelimit-remaining-requests"]) for d in decisions]
+    assert max(remaining) < 100_000 and remaining[-1] < remaining[0]
+    assert all(d.headers["x-ratelimit-limit-tokens"] == "1000000" for d in decisions)
+
+
+async def test_leases_never_admit_more_than_the_limit(flush_redis: str) -> None:
+    # 300 a minute: leases of at most 3 tokens; two replicas, a burst of 900.
+    replicas = [RateLimiter(redis.Redis.from_url(flush_redis)) for _ in range(2)]
+    limits = limits_for("k", "t", key_rpm=300, key_tpm=None, tenant_rpm=None, tenant_tpm=None)
+    admitted = 0
+    for _ in range(450):
+        decisions = await asyncio.gather(*(replica.admit(limits) for replica in replicas))
+        admitted += sum(d.allowed for d in decisions)
+    # Never more; fewer only by what a replica's last lease holds unused (refill adds ~1 in the run).
+    assert 300 - 2 * 3 <= admitted <= 302
+
+
+async def test_a_lease_that_ends_unused_makes_the_next_one_smaller(flush_redis: str) -> None:
+    now = [0.0]
+    client = redis.Redis.from_url(flush_redis)
+    limiter = RateLimiter(client, clock=lambda: now[0])
+    limits = limits_for("k", "t", key_rpm=6_000, key_tpm=None, tenant_rpm=None, tenant_tpm=None)
+    for _ in range(7):  # leases of 1, 2, 4: used up at once
+        assert (await limiter.admit(limits)).allowed
+    level = float(await client.hget("mariana:rl:key:k:rpm", "tokens") or 0)
+    assert 6_000 - 7 <= level <= 6_000 - 7 + 2  # nothing held back yet (Redis refills 0.1 a ms)
+    assert (await limiter.admit(limits)).allowed  # a lease of 8: 7 held here
+    now[0] += 1.0  # it ends unused
+    assert (await limiter.admit(limits)).allowed  # the next lease is 4: 3 held
+    level_after = float(await client.hget("mariana:rl:key:k:rpm", "tokens") or 0)
+    assert 8 + 4 - 2 <= level - level_after <= 8 + 4
