@@ -5,9 +5,10 @@ Admission (auth, on every request) checks every bucket that applies — the
 key's and the tenant's RPM and TPM — in one Lua script, so a request takes from
 all of them or from none; a key sending many requests takes several request
 tokens at once (a lease, below), and within a lease the TPM buckets are as the
-last take saw them (≤ 0.1 s old; the router's reservation is the exact gate). A bucket holds up to a minute's allowance and refills
-continuously, so a burst admits exactly the limit. Auth only checks that a
-token bucket is not empty (it cannot see the request body); the router then
+last take saw them (≤ 0.1 s old; the router's reservation is the exact gate).
+A bucket holds up to a minute's allowance and refills continuously, so a
+burst admits exactly the limit. Auth only checks that a token bucket is not
+empty (it cannot see the request body); the router then
 reserves the request's worst-case tokens from the same buckets and gives back
 what was not used (`services/billing/reservations.py`), so admitted tokens
 never pass the limit. Redis's clock is used, so replicas agree."""
