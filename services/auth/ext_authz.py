@@ -1,11 +1,12 @@
-"""Envoy's ext_authz `envoy.service.auth.v3.Authorization/Check`, served with a
-grpcio generic handler over `mariana.auth.v1`'s wire-compatible subset of
-Envoy's CheckRequest/CheckResponse (`ext_authz_wire.proto`: parsed and built
-in C, on every request).
+"""Envoy's ext_authz decision, whatever carries it (`ExtAuthz.decide`, the
+denials in OpenAI's shape), and its gRPC form: `envoy.service.auth.v3.
+Authorization/Check`, served with a grpcio generic handler over
+`mariana.auth.v1`'s wire-compatible subset of Envoy's CheckRequest/
+CheckResponse (`ext_authz_wire.proto`: parsed and built in C). The HTTP form,
+the edge's default, is `http_check.py`.
 
-Denials are answered here (not through the error interceptor): Envoy needs an
-OK gRPC status carrying the HTTP denial it should send, with an OpenAI-shaped
-JSON body."""
+Denials are answers, not errors (not through the error interceptor): Envoy
+needs the HTTP denial it should send, with an OpenAI-shaped JSON body."""
 
 from __future__ import annotations
 
@@ -158,7 +159,7 @@ def deny(error: Exception, grpc_client: bool = False) -> bytes:
     return ExtAuthzCheckResponse(status=status, denied_response=denied).SerializeToString()
 
 
-DENIALS = (Unauthenticated, PermissionDenied, Unavailable, RateLimited, QuotaExceeded)
+DENIALS = tuple(DENIAL_RESULTS)
 
 
 class ExtAuthz:
