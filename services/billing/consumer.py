@@ -240,6 +240,8 @@ class UsageConsumer:
                     if claimed := await self.reclaim():
                         log.warning("reclaimed usage left by a gone consumer", entries=claimed)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if stop.is_set():  # what is pending stays pending, for the next start
+                    return
                 log.warning("redis unavailable; retrying", error=str(exc))
                 replay = True
                 await asyncio.sleep(1)
@@ -249,5 +251,7 @@ class UsageConsumer:
                 # silently stop all billing.
                 log.exception("applying usage failed; retrying what is pending")
                 CONSUMER_FAILURES.inc()
+                if stop.is_set():
+                    return
                 replay = resync = True
                 await asyncio.sleep(1)

@@ -393,6 +393,25 @@ async def test_the_consumer_outlives_a_batch_that_fails_and_applies_it_later(flu
     await client.aclose()
 
 
+async def test_the_consumer_stops_when_asked_while_redis_is_gone(tmp_path: Path) -> None:
+    port = free_port()
+    args = ["--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(tmp_path)]
+    server = await asyncio.create_subprocess_exec("redis-server", *args, stdout=subprocess.DEVNULL)
+    await asyncio.to_thread(wait_until, port_open(port), "redis", time.monotonic() + 10)
+    client = redis_client(f"redis://127.0.0.1:{port}/0", timeout_s=0.5)
+    ledger = Ledger(Database(f"sqlite:///{tmp_path / 'ledger.db'}"))
+    consumer = UsageConsumer(client, ledger, load_prices(), "usage", "billing", "c1", block_ms=50)
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    await asyncio.sleep(0.3)
+    server.kill()  # gone for good, as when the whole platform stops
+    await server.wait()
+    await asyncio.sleep(1.5)  # the consumer retries meanwhile
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    await client.aclose()
+
+
 async def test_unacknowledged_entries_are_applied_after_a_restart(flush_redis: str, tmp_path: Path) -> None:
     client = aioredis.Redis.from_url(flush_redis)
     ledger = Ledger(Database(f"sqlite:///{tmp_path / 'ledger.db'}"))
