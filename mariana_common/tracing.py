@@ -87,3 +87,15 @@ def internal_span(name: str, attributes: Mapping[str, str | int | bool]) -> Abst
         return contextlib.nullcontext()
     tracer = trace.get_tracer("mariana")
     return tracer.start_as_current_span(name, kind=trace.SpanKind.INTERNAL, attributes=dict(attributes))
+
+
+def server_span(
+    name: str, headers: Mapping[str, str], attributes: Mapping[str, str | int | bool]
+) -> AbstractContextManager[object]:
+    """A server span for a call that is not gRPC (auth's HTTP check),
+    continuing the caller's `traceparent`; nothing at all when not tracing."""
+    if not _enabled:
+        return contextlib.nullcontext()
+    tracer = trace.get_tracer("mariana")
+    parent = _PROPAGATOR.extract(dict(headers))
+    return tracer.start_as_current_span(name, context=parent, kind=trace.SpanKind.SERVER, attributes=dict(attributes))

@@ -26,6 +26,7 @@ import structlog
 from mariana_common.interceptors import trace_id_from
 from mariana_common.metrics import observe_call
 from mariana_common.tls import LOOK_INTERVAL_S, ServerSslContext, uri_names_of_der
+from mariana_common.tracing import server_span
 from services.auth.authorizer import Verdict
 from services.auth.ext_authz import IDENTITY_HEADERS, ExtAuthz, denial_of, is_grpc
 
@@ -35,7 +36,7 @@ MAX_HEAD_BYTES = 32 * 1024
 CHECK_PATH_PREFIX = "/check"
 HEALTH_PATH = "/healthz"  # Envoy's health check: 200 while serving, 503 once draining
 # What the edge forwards to the check (besides method, path and host).
-FORWARDED_HEADERS = ("authorization", "content-type", "x-request-id")
+FORWARDED_HEADERS = ("authorization", "content-type", "x-request-id", "traceparent")
 
 
 class Head:
@@ -122,7 +123,8 @@ def decider(authz: ExtAuthz) -> Decide:
         headers = head.headers
         structlog.contextvars.bind_contextvars(trace_id=trace_id_from(headers.items()), rpc=CHECK_PATH_PREFIX)
         started = time.perf_counter()
-        decision = await authz.decide(headers.get("authorization", ""), head.path, headers.get("x-request-id"))
+        with server_span(f"{head.method} {CHECK_PATH_PREFIX}", headers, {"http.target": head.path}):
+            decision = await authz.decide(headers.get("authorization", ""), head.path, headers.get("x-request-id"))
         observe_call(CHECK_PATH_PREFIX, "OK", time.perf_counter() - started)
         return answer(decision, headers.get("content-type", ""))
 
