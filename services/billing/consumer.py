@@ -31,6 +31,11 @@ LAG = Gauge("mariana_billing_consumer_lag_events", "Usage events published but n
 DEAD_LETTER_SUFFIX = ":dead"
 
 
+def _stream_id(raw: bytes | str) -> tuple[int, int]:
+    ms, _, seq = (raw.decode() if isinstance(raw, bytes) else raw).partition("-")
+    return int(ms), int(seq or 0)
+
+
 def to_entry(fields: dict[bytes, bytes], prices: PriceCatalog) -> Entry:
     e = decode(fields)
     price = prices.price(e.model, e.completed_at)
@@ -155,6 +160,25 @@ class UsageConsumer:
             if group.get("name") in (self._group, self._group.encode()):
                 LAG.set(int(group.get("lag") or 0) + int(group.get("pending") or 0))
 
+    async def trim(self) -> int:
+        """Deletes the entries every consumer group has acknowledged: the
+        stream would otherwise keep every usage event, in Redis's memory,
+        forever. Entries not yet read, or read and not acknowledged, stay.
+        Returns how many went."""
+        groups: Any = await self._redis.xinfo_groups(self._stream)
+        floors = []
+        for group in groups:
+            if int(group.get("pending") or 0):
+                summary: Any = await self._redis.xpending(self._stream, group["name"])
+                floors.append(_stream_id(summary["min"]))  # its oldest unacknowledged entry
+            else:
+                ms, seq = _stream_id(group["last-delivered-id"])
+                floors.append((ms, seq + 1))  # everything it was given is acknowledged
+        if not floors:
+            return 0
+        ms, seq = min(floors)
+        return int(await self._redis.xtrim(self._stream, minid=f"{ms}-{seq}", approximate=False))
+
     async def reap(self) -> list[str]:
         """Releases reservations whose lease ended (their request died with its
         replica, or its usage is late and will count when it comes)."""
@@ -232,6 +256,7 @@ class UsageConsumer:
                 if loop.time() >= next_lag:
                     next_lag = loop.time() + 1.0
                     await self.measure_lag()
+                    await self.trim()
                 if loop.time() >= next_reap:
                     next_reap = loop.time() + self._reap_interval_s
                     await self.reap()
