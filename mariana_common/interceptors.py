@@ -83,6 +83,11 @@ def trace_id_from(metadata: Any) -> str:
 
 
 async def _abort_for(exc: BaseException, context: Context) -> None:
+    if context.cancelled():
+        # The caller went away first (a deadline, a closed connection); what
+        # failed after that failed because of it: not an error of ours.
+        log.info("caller went away", error=repr(exc))
+        raise asyncio.CancelledError from exc
     if isinstance(exc, errors.MarianaError):
         code = status_for(exc)
         trailers: list[tuple[str, str | bytes]] = []
@@ -141,7 +146,7 @@ def _wrap_unary(behaviour: Unary, method: str, peers: frozenset[bytes]) -> Unary
             code = "CANCELLED"
             raise
         except Exception as exc:  # noqa: BLE001 - turned into a status below
-            code = _code_of(exc)
+            code = _code_of(exc) if not context.cancelled() else "CANCELLED"
             await _abort_for(exc, context)
         finally:
             observe_call(method, code, time.perf_counter() - started)
@@ -165,7 +170,7 @@ def _wrap_streaming(behaviour: Streaming, method: str, peers: frozenset[bytes]) 
             code = "CANCELLED"
             raise
         except Exception as exc:  # noqa: BLE001 - turned into a status below
-            code = _code_of(exc)
+            code = _code_of(exc) if not context.cancelled() else "CANCELLED"
             await _abort_for(exc, context)
         finally:
             observe_call(method, code, time.perf_counter() - started)
