@@ -158,10 +158,10 @@ class RateLimiter:
                 self._forget_ended(now)
             lease = self._leases[key] = _Lease(size=1)
         elif lease.left == 0 and now < lease.expires:  # used up in time: take more next
-            lease.size = min(lease.size * 2, lease_cap(limits))
+            lease.size *= 2
         elif lease.left > 0:  # ended with tokens left: take fewer
             lease.size = max(1, lease.size // 2)
-        size = min(lease.size, lease_cap(limits))
+        lease.size = size = min(lease.size, lease_cap(limits))
         decision, levels = await self._take(limits, size)
         if not decision.allowed and size > 1:  # the last few tokens are handed out one at a time
             lease.size = size = 1
@@ -187,7 +187,7 @@ class RateLimiter:
         return Decision(False, math.ceil(wait_ms / 1000), headers, short[0] if short else "requests"), levels
 
     def _forget_ended(self, now: float) -> None:
-        for key in [k for k, lease in self._leases.items() if now >= lease.expires and lease.size == 1]:
+        for key in [k for k, lease in self._leases.items() if now >= lease.expires]:
             del self._leases[key]
 
 

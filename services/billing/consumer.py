@@ -153,22 +153,19 @@ class UsageConsumer:
         for tenant_id, key_id, hard in await asyncio.to_thread(self._ledger.hard_limits):
             await self._reservations.set_hard_limit(tenant_id, key_id, hard)
 
-    async def measure_lag(self) -> None:
-        """Entries not yet read by the group plus those read and not acknowledged."""
-        groups: Any = await self._redis.xinfo_groups(self._stream)
-        for group in groups:
-            if group.get("name") in (self._group, self._group.encode()):
-                LAG.set(int(group.get("lag") or 0) + int(group.get("pending") or 0))
-
-    async def trim(self) -> int:
-        """Deletes the entries every consumer group has acknowledged: the
-        stream would otherwise keep every usage event, in Redis's memory,
-        forever. Entries not yet read, or read and not acknowledged, stay.
-        Returns how many went."""
+    async def watch_stream(self) -> int:
+        """Measures the lag (entries not yet read by the group plus those read
+        and not acknowledged) and deletes the entries every consumer group has
+        acknowledged: the stream would otherwise keep every usage event, in
+        Redis's memory, forever. Entries not yet read, or read and not
+        acknowledged, stay. Returns how many went."""
         groups: Any = await self._redis.xinfo_groups(self._stream)
         floors = []
         for group in groups:
-            if int(group.get("pending") or 0):
+            pending = int(group.get("pending") or 0)
+            if group.get("name") in (self._group, self._group.encode()):
+                LAG.set(int(group.get("lag") or 0) + pending)
+            if pending:
                 summary: Any = await self._redis.xpending(self._stream, group["name"])
                 floors.append(_stream_id(summary["min"]))  # its oldest unacknowledged entry
             else:
@@ -255,8 +252,7 @@ class UsageConsumer:
                         await asyncio.sleep(self._linger_s)
                 if loop.time() >= next_lag:
                     next_lag = loop.time() + 1.0
-                    await self.measure_lag()
-                    await self.trim()
+                    await self.watch_stream()
                 if loop.time() >= next_reap:
                     next_reap = loop.time() + self._reap_interval_s
                     await self.reap()

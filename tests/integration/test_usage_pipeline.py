@@ -247,7 +247,7 @@ async def test_acknowledged_usage_is_trimmed_from_the_stream_and_nothing_else(fl
         client, Ledger(Database(f"sqlite:///{tmp_path / 'ledger.db'}")), load_prices(), "usage", "billing", "c1"
     )
     await consumer.ensure_group()
-    assert await consumer.trim() == 0  # nothing read yet: nothing goes
+    assert await consumer.watch_stream() == 0  # nothing read yet: nothing goes
     publisher = publisher_for(client, tmp_path)
     publisher.start()
     for i in range(30):
@@ -258,12 +258,12 @@ async def test_acknowledged_usage_is_trimmed_from_the_stream_and_nothing_else(fl
     await consumer.run(stop)  # nothing pending to replay: returns at once
     # Another consumer reads 10 and "crashes" before acknowledging; 20 are never read.
     await client.xreadgroup("billing", "gone", {"usage": ">"}, count=10)
-    assert await consumer.trim() == 0
+    assert await consumer.watch_stream() == 0
     unread = await client.xrange("usage")
     # Now the first 10 are applied and acknowledged (reclaimed from the gone consumer).
     claimed = await client.xautoclaim("usage", "billing", "c1", 0, start_id="0-0", count=10)
     await consumer.apply(claimed[1])
-    assert await consumer.trim() == 10
+    assert await consumer.watch_stream() == 10
     assert await client.xrange("usage") == unread[10:]
     pending = await client.xpending("usage", "billing")
     assert pending["pending"] == 0
