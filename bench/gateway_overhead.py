@@ -205,8 +205,7 @@ def main() -> None:
     parser.add_argument(
         "--ext-authz",
         choices=["grpc", "http"],
-        default="grpc",
-        help="how the edge asks auth (the topology's edge.ext_authz_api)",
+        help="how the edge asks auth (default: the topology's edge.ext_authz_api)",
     )
     parser.add_argument("--hold", action="store_true", help="keep the platform up after the run (for profiling)")
     args = parser.parse_args()
@@ -220,7 +219,8 @@ def main() -> None:
         # platform can do: one bench tenant would hit it before saturation.
         raw = yaml.safe_load(DEFAULT_TOPOLOGY.read_text())
         raw["edge"]["tenant_rate_limit"] = {"requests_per_second": 1_000_000, "burst": 1_000_000}
-        raw["edge"]["ext_authz_api"] = args.ext_authz
+        if args.ext_authz:
+            raw["edge"]["ext_authz_api"] = args.ext_authz
         topology = Path(data) / "topology.yaml"
         topology.write_text(yaml.safe_dump(raw))
         settings = LauncherSettings(

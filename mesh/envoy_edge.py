@@ -44,6 +44,7 @@ from envoy_data_plane.envoy.extensions.common.ratelimit.v3 import (
     XRateLimitHeadersRfcVersion,
 )
 from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import (
+    AuthorizationRequest,
     AuthorizationResponse,
     ExtAuthz,
     HttpService,
@@ -84,7 +85,7 @@ from mesh.envoy_parts import (
 from mesh.plan import AUTH, Plan
 from mesh.topology import EDGE
 from services.auth.ext_authz import IDENTITY_HEADERS
-from services.auth.http_check import CHECK_PATH_PREFIX, FORWARDED_HEADERS, HEALTH_PATH
+from services.auth.http_check import CALLER_CONTENT_TYPE, CHECK_PATH_PREFIX, FORWARDED_HEADERS, HEALTH_PATH
 
 LLM_SERVICE = "mariana.llm.v1.LlmService"
 AUTH_ADMIN_SERVICE = "mariana.auth.v1.AuthAdminService"
@@ -270,6 +271,13 @@ def _ext_authz(plan: Plan) -> ExtAuthz:
     http = HttpService(
         server_uri=HttpUri(uri=f"http://{AUTH}", cluster=EXT_AUTHZ_CLUSTER, timeout=edge.ext_authz_timeout),
         path_prefix=CHECK_PATH_PREFIX,
+        # Not as `content-type`: a check request that says application/grpc
+        # makes Envoy's own replies to it (timeout, no healthy upstream,
+        # overflow) gRPC-shaped, HTTP 200 with grpc-status 14, and a 200 is an
+        # allow: the request went on without identity (fail open).
+        authorization_request=AuthorizationRequest(
+            headers_to_add=[HeaderValue(key=CALLER_CONTENT_TYPE, value="%REQ(content-type)%")]
+        ),
         authorization_response=AuthorizationResponse(
             allowed_upstream_headers=ListStringMatcher(patterns=_exact(IDENTITY_HEADERS)),
             allowed_client_headers=ListStringMatcher(patterns=[*_exact(_DENIAL_HEADERS), rate_limit]),

@@ -141,14 +141,10 @@ class Edge(Strict):
     # Envoy processes; each has the edge listener and every mesh listener
     # (Envoy i listens on port + 100 * i).
     replicas: int = Field(1, ge=1)
-    # How Envoy asks auth about each request: gRPC `Authorization/Check` on
-    # auth's gRPC port; or plain HTTP/1.1 to auth's own small server on
-    # ext_authz_port (replica i on + 10 * i), ~0.3 ms of CPU less per request.
-    # Not the default: under a burst of new connections, Envoy (1.40) now and
-    # then forwards a request its HTTP check allowed without the identity
-    # headers the check returned (the router then refuses it, UNAUTHENTICATED);
-    # seen only with the check's retry policy on, which replica failover needs.
-    ext_authz_api: Literal["grpc", "http"] = "grpc"
+    # How Envoy asks auth about each request: plain HTTP/1.1 to auth's own
+    # small server on ext_authz_port (replica i on + 10 * i), ~0.3 ms of CPU
+    # less per request than gRPC `Authorization/Check` on auth's gRPC port.
+    ext_authz_api: Literal["grpc", "http"] = "http"
     ext_authz_port: int = Field(7106, ge=0, le=65535)
     ext_authz_timeout: Duration = timedelta(milliseconds=500)
     # Check only reads keys and takes a request from the caller's buckets: a

@@ -37,7 +37,10 @@ ACCEPT_BACKLOG = 4096
 CHECK_PATH_PREFIX = "/check"
 HEALTH_PATH = "/healthz"  # Envoy's health check: 200 while serving, 503 once draining
 # What the edge forwards to the check (besides method, path and host).
-FORWARDED_HEADERS = ("authorization", "content-type", "x-request-id", "traceparent")
+FORWARDED_HEADERS = ("authorization", "x-request-id", "traceparent")
+# The checked request's content-type (to shape a denial for gRPC or JSON),
+# under a name of its own: see mesh/envoy_edge.py.
+CALLER_CONTENT_TYPE = "x-mariana-caller-content-type"
 
 
 class Head:
@@ -127,7 +130,7 @@ def decider(authz: ExtAuthz) -> Decide:
         with server_span(f"{head.method} {CHECK_PATH_PREFIX}", headers, {"http.target": head.path}):
             decision = await authz.decide(headers.get("authorization", ""), head.path, headers.get("x-request-id"))
         observe_call(CHECK_PATH_PREFIX, "OK", time.perf_counter() - started)
-        return answer(decision, headers.get("content-type", ""))
+        return answer(decision, headers.get(CALLER_CONTENT_TYPE, ""))
 
     return decide
 
@@ -221,6 +224,8 @@ class CheckConnection(asyncio.Protocol):
                 except Exception:  # a bug: deny, do not hang Envoy's request
                     log.exception("check failed", path=head.path)
                     answer = FAILED
+                if self._transport is None:  # Envoy gave up on it (its timeout) and closed the connection
+                    return
                 self._transport.write(answer)
                 if not head.keep_alive:
                     self._transport.close()

@@ -268,3 +268,27 @@ def test_a_tenant_over_the_backstop_gets_429_and_other_tenants_do_not(
             except grpc.RpcError as error:
                 codes_grpc[error.code().name] += 1  # type: ignore[attr-defined]
     assert set(codes_grpc) <= {"OK", "RESOURCE_EXHAUSTED"} and codes_grpc["RESOURCE_EXHAUSTED"] > 0, codes_grpc
+
+
+def test_an_unanswered_check_fails_closed_for_grpc_and_rest_callers(
+    mesh: tuple[Stack, str], load_keys: list[str]
+) -> None:
+    """Every live auth replica frozen: Envoy's own reply to the check (a
+    timeout) must refuse the request, never let it through to the router
+    without an identity. (Last in the module: auth is frozen for a while.)"""
+    stack, _ = mesh
+    frozen = [name for name in ("auth-0", "auth-1") if stack.process(name).exited() is None]
+    assert frozen
+    metadata = (("authorization", f"Bearer {load_keys[0]}"),)
+    for name in frozen:
+        stack.process(name).signal(signal.SIGSTOP)
+    try:
+        with grpc.insecure_channel(edge(stack, 1)) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                llm_pb2_grpc.LlmServiceStub(channel).CreateChatCompletion(chat(), metadata=metadata, timeout=10)
+        rest = httpx.get(f"http://{edge(stack, 1)}/v1/models", headers=dict(metadata), timeout=10)
+    finally:
+        for name in frozen:
+            stack.process(name).signal(signal.SIGCONT)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()  # type: ignore[attr-defined]
+    assert rest.status_code == 503

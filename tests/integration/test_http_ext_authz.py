@@ -23,7 +23,7 @@ from mesh.pki import CertFiles, mint_mesh, rotate_workloads
 from mesh.plan import free_port
 from services.auth.authorizer import Authorizer
 from services.auth.ext_authz import ExtAuthz
-from services.auth.http_check import CheckServer, decider
+from services.auth.http_check import CALLER_CONTENT_TYPE, CheckServer, decider
 from services.auth.rate_limit import RateLimiter
 from services.auth.store import IssuedKey, KeyStore, Scopes
 from tests.tls_probe import serial_in_file, served_serial
@@ -57,7 +57,8 @@ async def read_reply(reader: asyncio.StreamReader) -> Reply:
 
 
 def check_request(path: str, authorization: str | None, content_type: str = "application/json") -> bytes:
-    lines = [f"POST /check{path} HTTP/1.1", "host: auth", "content-length: 0", f"content-type: {content_type}"]
+    """As Envoy sends it: the checked request's content-type under its own name."""
+    lines = [f"POST /check{path} HTTP/1.1", "host: auth", "content-length: 0", f"{CALLER_CONTENT_TYPE}: {content_type}"]
     if authorization is not None:
         lines.append(f"authorization: {authorization}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()

@@ -1,13 +1,14 @@
 """The HTTP check's parsing and answers (the server itself runs in
 tests/integration/test_http_ext_authz.py and behind Envoy in tests/e2e)."""
 
+import asyncio
 import json
 
 import pytest
 
 from mariana_common.errors import PermissionDenied, Unauthenticated
 from services.auth.authorizer import Identity, QuotaExceeded, RateLimited, Scopes, Verdict
-from services.auth.http_check import BadRequest, answer, parse_head, response
+from services.auth.http_check import BadRequest, CheckServer, Head, answer, parse_head, response
 from services.auth.rate_limit import Decision
 
 
@@ -95,3 +96,40 @@ def test_a_response_counts_its_body() -> None:
     assert response(503, "Service Unavailable", [("retry-after", "1")], b"{}") == (
         b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\nretry-after: 1\r\n\r\n{}"
     )
+
+
+async def test_a_check_whose_caller_hung_up_is_dropped_quietly() -> None:
+    """Envoy closes the connection when its timeout passes; the late answer is
+    not written, and nothing fails in the server's event loop."""
+    release = asyncio.Event()
+    decided: list[str] = []
+
+    async def decide(head: Head) -> bytes:
+        await release.wait()
+        decided.append(head.path)
+        return response(200, "OK", {"x-mariana-tenant": "t"})
+
+    loop = asyncio.get_running_loop()
+    failures: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: failures.append(context))
+    server = await CheckServer(decide, frozenset()).start("127.0.0.1", 0, None)
+    port = server.sockets[0].getsockname()[1]
+    request = b"POST /check/v1/models HTTP/1.1\r\nhost: auth\r\ncontent-length: 0\r\n\r\n"
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()  # what Envoy does at its timeout
+        await asyncio.sleep(0.05)
+        release.set()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        answered = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.close()
+    finally:
+        server.close()
+        loop.set_exception_handler(None)
+    assert decided == ["/v1/models", "/v1/models"]
+    assert answered.startswith(b"HTTP/1.1 200 OK") and b"x-mariana-tenant: t" in answered
+    assert failures == []
