@@ -4,6 +4,7 @@ the tenant's policy takes, and the text with redactable spans replaced."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -21,6 +22,12 @@ Direction = Literal["input", "output"]
 CONTEXT_CHARS = 160
 # Batches longer than this are checked off the event loop, so one cannot stall the others.
 INLINE_CHARS = 4096
+# What a text holds (spans and scores) depends on the text and its context
+# alone, and texts repeat: an app sends its system prompt with every request,
+# a conversation its whole history with every turn. So the last analyses are
+# kept (texts up to CACHED_CHARS long; at most ~CACHED_TEXTS * 2 KB of text).
+CACHED_TEXTS = 4096
+CACHED_CHARS = 2048
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class Moderator:
         self._toxicity = toxicity
         self._policy = policy
         self._blocklist = Blocklist(blocklist)
+        self._cached_analysis = functools.lru_cache(maxsize=CACHED_TEXTS)(self._analyse)
 
     def find(self, text: str) -> list[Span]:
         spans = find_secrets(text)
@@ -69,9 +77,20 @@ class Moderator:
             scores[span.category] = 1.0
         return scores
 
-    def check(self, text: str, tenant_id: str = "", direction: Direction = "input", context: str = "") -> Verdict:
+    def _analyse(self, text: str, context: str) -> tuple[tuple[Span, ...], dict[str, float]]:
         spans = self.find(text)
-        scores = self.scores(text, spans, context)
+        return tuple(spans), self.scores(text, spans, context)
+
+    def analysis(self, text: str, context: str = "") -> tuple[tuple[Span, ...], dict[str, float]]:
+        """What the text holds, whoever sent it: its spans and every
+        category's score (the policy is not applied here). Do not mutate."""
+        context = context[-CONTEXT_CHARS:]
+        if len(text) + len(context) > CACHED_CHARS:
+            return self._analyse(text, context)
+        return self._cached_analysis(text, context)
+
+    def check(self, text: str, tenant_id: str = "", direction: Direction = "input", context: str = "") -> Verdict:
+        spans, scores = self.analysis(text, context)
         rules: Rules = self._policy().rules(tenant_id, direction)
         categories = {c: scores[c] >= rules[c].threshold for c in CATEGORIES}
         triggered = [c for c in CATEGORIES if categories[c] and rules[c].severity > Action.ALLOW]
@@ -80,8 +99,8 @@ class Moderator:
         return Verdict(
             flagged=any(categories.values()),
             categories=categories,
-            scores=scores,
-            findings=spans,
+            scores=dict(scores),
+            findings=list(spans),
             action=action,
             triggered=[c for c in triggered if rules[c].severity == action],
             redacted_text=redact(text, redactable) if action == Action.REDACT else text,

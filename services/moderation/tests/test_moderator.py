@@ -104,3 +104,30 @@ def test_context_informs_the_classifier_but_is_not_redacted(moderator: Moderator
     assert with_context.scores["harassment"] != alone.scores["harassment"]
     verdict = moderator.check("write to a@example.com", direction="output", context="earlier b@example.com")
     assert verdict.redacted_text == "write to [EMAIL]"
+
+
+def test_a_repeated_text_is_analysed_once_and_each_tenant_policy_still_applies(toxicity: ToxicityModel) -> None:
+    calls: list[str] = []
+
+    class Counting(ToxicityModel):
+        def scores(self, text: str) -> dict[str, float]:
+            calls.append(text)
+            return super().scores(text)
+
+    counting = Counting(toxicity.categories, toxicity.bias, toxicity.matrix, toxicity.rows)
+    policy = book(acme={"input": {"pii": {"action": "redact"}}})
+    moderator = Moderator(counting, lambda: policy)
+    text = "mail bob@example.com please"
+    blocked = moderator.check(text)
+    redacted = moderator.check(text, tenant_id="acme")
+    assert calls == [text]  # the second check reused the analysis
+    assert blocked.action == Action.BLOCK and redacted.action == Action.REDACT
+    assert redacted.redacted_text == "mail [EMAIL] please" and blocked.findings == redacted.findings
+    blocked.findings.clear()  # a verdict is the caller's own: the cached analysis is untouched
+    blocked.scores["pii"] = 0.0
+    assert moderator.check(text).action == Action.BLOCK
+    moderator.check(text, context="earlier words")  # another context: another analysis
+    long = "word " * 1000  # past the cached size: analysed every time
+    moderator.check(long)
+    moderator.check(long)
+    assert calls == [text, f"earlier words {text}", long, long]
