@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing
+from dataclasses import replace
 
 import grpc
 import structlog
@@ -12,13 +13,14 @@ import structlog
 from mariana.common.v1.usage_pb2 import Usage
 from mariana.inference.v1 import inference_pb2 as pb
 from mariana.inference.v1 import inference_pb2_grpc as pb_grpc
-from mariana_common.errors import InvalidArgument, NotFound
+from mariana_common.errors import InvalidArgument, NotFound, Unavailable
 from mariana_common.server import Context, Registrar
 from services.inference.coalesce import PROGRESS_INTERVAL_S, Coalescer
 from services.inference.embedder import Embedder
 from services.inference.engine import ChatEngine, GenerationInput, Sampling
 from services.inference.metrics import TIME_TO_FIRST_TOKEN, TOKENS_GENERATED
 from services.inference.sampling import TokenLogprob
+from services.inference.scheduler import Event
 
 SERVICE_NAME = "mariana.inference.v1.InferenceService"
 log = structlog.get_logger()
@@ -46,6 +48,21 @@ def generation_input(request: pb.GenerateRequest) -> GenerationInput:
     return GenerationInput(request.model, prompt=request.prompt, sampling=sampling)
 
 
+def response_of(engine: ChatEngine, event: Event, after_first_token_s: float = 0.0) -> pb.GenerateResponse:
+    usage = Usage(
+        prompt_tokens=event.prompt_tokens,
+        completion_tokens=event.completion_tokens,
+        total_tokens=event.prompt_tokens + event.completion_tokens,
+    )
+    return pb.GenerateResponse(
+        text=event.text,
+        finish_reason=event.finish_reason or "",
+        usage=usage,
+        logprobs=[logprob_to_proto(engine, lp) for lp in event.logprobs],
+        after_first_token_s=after_first_token_s,
+    )
+
+
 def logprob_to_proto(engine: ChatEngine, lp: TokenLogprob) -> pb.TokenLogprob:
     return pb.TokenLogprob(
         token=engine.token_text(lp.token),
@@ -71,38 +88,59 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             raise NotFound(f"model {model!r} is not served here; models: {', '.join(self._engines)}")
         return engine
 
-    async def Generate(self, request: pb.GenerateRequest, context: Context) -> AsyncIterator[pb.GenerateResponse]:
-        engine = self._engine(request.model)
-        sent, generated, finished, started = 0, 0, False, time.perf_counter()
-        whole = Coalescer(self._progress_interval_s) if request.whole_answer else None
+    async def _steps(self, engine: ChatEngine, request: pb.GenerateRequest) -> AsyncGenerator[Event, None]:
+        """The engine's events for one request, counted in the metrics."""
+        generated, started = 0, time.perf_counter()
         try:
             async with aclosing(engine.generate(generation_input(request))) as events:
                 async for step in events:
                     if not generated and step.completion_tokens:
                         TIME_TO_FIRST_TOKEN.labels(request.model).observe(time.perf_counter() - started)
                     generated = step.completion_tokens
+                    yield step
+        finally:
+            TOKENS_GENERATED.labels(request.model).inc(generated)
+
+    async def Generate(self, request: pb.GenerateRequest, context: Context) -> AsyncIterator[pb.GenerateResponse]:
+        engine = self._engine(request.model)
+        whole = Coalescer(self._progress_interval_s) if request.whole_answer else None
+        sent, finished = 0, False
+        try:
+            async with aclosing(self._steps(engine, request)) as steps:
+                async for step in steps:
                     event = whole.add(step) if whole is not None else step
                     if event is None:
                         continue
-                    usage = Usage(
-                        prompt_tokens=event.prompt_tokens,
-                        completion_tokens=event.completion_tokens,
-                        total_tokens=event.prompt_tokens + event.completion_tokens,
-                    )
                     finished = event.finish_reason is not None
-                    yield pb.GenerateResponse(
-                        text=event.text,
-                        finish_reason=event.finish_reason or "",
-                        usage=usage,
-                        logprobs=[logprob_to_proto(engine, lp) for lp in event.logprobs],
-                    )
+                    yield response_of(engine, event)
                     sent = event.completion_tokens
         finally:
-            TOKENS_GENERATED.labels(request.model).inc(generated)
             if not finished:
                 # The caller went away (or the engine failed): what it was sent
                 # is what it can bill; the batch slot is freed at the next step.
                 log.info("generation stopped early", request_id=request.request_id, completion_tokens_sent=sent)
+
+    async def Complete(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
+        engine = self._engine(request.model)
+        texts: list[str] = []
+        logprobs: list[TokenLogprob] = []
+        last: Event | None = None
+        first_token_at = None
+        try:
+            async with aclosing(self._steps(engine, request)) as steps:
+                async for last in steps:
+                    if first_token_at is None and last.completion_tokens:
+                        first_token_at = time.perf_counter()
+                    texts.append(last.text)
+                    logprobs.extend(last.logprobs)
+        finally:
+            if last is None or last.finish_reason is None:
+                log.info("generation stopped early", request_id=request.request_id, completion_tokens_sent=0)
+        if last is None or last.finish_reason is None:
+            raise Unavailable("the engine ended without finishing the answer")
+        answer = replace(last, text="".join(texts), logprobs=tuple(logprobs))
+        after_first = 0.0 if first_token_at is None else time.perf_counter() - first_token_at
+        return response_of(engine, answer, after_first)
 
     async def Embed(self, request: pb.EmbedRequest, context: Context) -> pb.EmbedResponse:
         if self._embedder is None:

@@ -68,6 +68,8 @@ class Piece:
     # The pieces before this one were from an attempt that failed before it
     # finished (not streamed, so never sent): they are void.
     restarted: bool = False
+    # A whole answer in one piece: how long it took after its first token.
+    after_first_token_s: float = 0.0
 
 
 Direction = Literal["input", "output"]

@@ -189,7 +189,8 @@ class ModelRouter:
                         async for piece in upstream:
                             if first:
                                 first = False
-                                state.latency.add(self._clock() - started)
+                                # the time to the first token, also when it came with the rest
+                                state.latency.add(self._clock() - started - piece.after_first_token_s)
                             if piece.finish_reason is not None and not settled:
                                 # Counted when the answer is complete: the
                                 # caller may stop reading at the last piece.

@@ -67,6 +67,22 @@ def generate_request(request: GenerationRequest, request_id: str, stream: bool =
     return message
 
 
+def piece_of(reply: inf.GenerateResponse) -> Piece:
+    logprobs = tuple(
+        TokenLogprob(lp.token, lp.logprob, tuple((t.token, t.logprob) for t in lp.top_logprobs))
+        for lp in reply.logprobs
+    )
+    usage = reply.usage
+    return Piece(
+        reply.text,
+        reply.finish_reason or None,
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        logprobs,
+        after_first_token_s=reply.after_first_token_s,
+    )
+
+
 class GrpcInference:
     def __init__(self, channel: grpc.aio.Channel, timeout_s: float) -> None:
         self._stub = inf_grpc.InferenceServiceStub(channel)
@@ -76,23 +92,21 @@ class GrpcInference:
         self, request: GenerationRequest, request_id: str, timeout_s: float | None = None, stream: bool = True
     ) -> AsyncGenerator[Piece, None]:
         timeout = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
-        call = self._stub.Generate(
-            generate_request(request, request_id, stream), timeout=timeout, metadata=_metadata(request_id)
-        )
+        message = generate_request(request, request_id, stream)
+        if not stream:
+            # The whole answer in one unary call: a stream's messages cost CPU
+            # at both ends and in Envoy, for pieces this caller only joins.
+            try:
+                reply = await self._stub.Complete(message, timeout=timeout, metadata=_metadata(request_id))
+            except grpc.aio.AioRpcError as error:
+                raise error_from_rpc(error) from error
+            yield piece_of(reply)
+            return
+        call = self._stub.Generate(message, timeout=timeout, metadata=_metadata(request_id))
         try:
             last: Piece | None = None
             async for reply in call:
-                logprobs = tuple(
-                    TokenLogprob(lp.token, lp.logprob, tuple((t.token, t.logprob) for t in lp.top_logprobs))
-                    for lp in reply.logprobs
-                )
-                piece = Piece(
-                    reply.text,
-                    reply.finish_reason or None,
-                    reply.usage.prompt_tokens,
-                    reply.usage.completion_tokens,
-                    logprobs,
-                )
+                piece = piece_of(reply)
                 if piece.finish_reason is None:
                     yield piece
                 else:

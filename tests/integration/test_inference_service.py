@@ -1,5 +1,6 @@
 """The inference service's gRPC face on a real server with mTLS: several
-models in one process, streaming, cancellation by the client, and statuses."""
+models in one process, streaming and whole answers, cancellation by the
+client, and statuses."""
 
 from __future__ import annotations
 
@@ -95,6 +96,32 @@ async def test_a_whole_answer_comes_in_two_messages_with_the_same_text(
     assert sum(len(r.logprobs) for r in whole) == whole[-1].usage.completion_tokens
 
 
+async def test_complete_is_the_whole_answer_in_one_reply(stub: pb_grpc.InferenceServiceStub) -> None:
+    request = chat("chat-a", "Name three rivers.", max_tokens=24, temperature=0.0, logprobs=True)
+    streamed = [r async for r in stub.Generate(request)]
+    whole = await stub.Complete(request)
+    assert whole.text == "".join(r.text for r in streamed) and whole.text
+    assert whole.usage == streamed[-1].usage and whole.finish_reason == streamed[-1].finish_reason
+    assert len(whole.logprobs) == whole.usage.completion_tokens
+    assert [lp.token for lp in whole.logprobs] == [lp.token for r in streamed for lp in r.logprobs]
+    assert 0 < whole.after_first_token_s < 60
+
+
+async def test_a_cancelled_complete_frees_the_slot(
+    stub: pb_grpc.InferenceServiceStub, engines: dict[str, Engine]
+) -> None:
+    call = stub.Complete(chat("chat-b", "Write a very long essay about rivers.", max_tokens=400))
+    deadline = time.monotonic() + 10
+    while engines["chat-b"].stats().running == 0:
+        assert time.monotonic() < deadline, engines["chat-b"].stats()
+        await asyncio.sleep(0.02)
+    call.cancel()
+    while engines["chat-b"].stats().kv_tokens_reserved:
+        assert time.monotonic() < deadline, engines["chat-b"].stats()
+        await asyncio.sleep(0.02)
+    assert engines["chat-b"].stats().free_slots == Limits().max_batch
+
+
 async def test_client_cancel_frees_the_slot(stub: pb_grpc.InferenceServiceStub, engines: dict[str, Engine]) -> None:
     call = stub.Generate(chat("chat-a", "Write a very long essay about rivers.", max_tokens=400))
     await call.read()
@@ -125,6 +152,9 @@ async def test_bad_requests_get_clear_statuses(
     with pytest.raises(grpc.aio.AioRpcError) as error:
         [r async for r in stub.Generate(request_)]
     assert error.value.code() == code
+    with pytest.raises(grpc.aio.AioRpcError) as whole:
+        await stub.Complete(request_)
+    assert whole.value.code() == code
 
 
 async def test_embed(stub: pb_grpc.InferenceServiceStub) -> None:

@@ -276,3 +276,21 @@ async def test_a_probe_whose_caller_went_away_lets_the_next_request_probe() -> N
     route = Route()
     await answer(r, route)
     assert route.pool == "a1" and r.pool("a1").breaker.state is BreakerState.CLOSED
+
+
+async def test_a_whole_answer_counts_its_time_to_first_token_not_its_whole_time() -> None:
+    now = [0.0]
+
+    class Whole(Pool):
+        async def generate(
+            self, request: GenerationRequest, request_id: str, timeout_s: float | None = None, stream: bool = True
+        ) -> AsyncGenerator[Piece, None]:
+            now[0] += 2.5  # 0.5 s to the first token, 2 s for the rest
+            yield Piece(f"{self.name} says hi", "stop", 5, 2, after_first_token_s=2.0)
+
+    pools = {"a1": Whole("a1"), "a2": Whole("a2"), "b": Whole("b")}
+    r = ModelRouter(lambda: catalog(), lambda n, c: pools[n], random.Random(1), clock=lambda: now[0], sleep=Sleeps())
+    pieces = [p async for p in r.generate(GenerationRequest("big", prompt="x"), "req", Route(), stream=False)]
+    (piece,) = pieces
+    served = piece.text.split(" ")[0]
+    assert served in ("a1", "a2") and r.pool(served).latency.value == pytest.approx(0.5)
