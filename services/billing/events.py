@@ -30,6 +30,6 @@ def decode(fields: dict[bytes, bytes]) -> UsageEvent:
         event.ParseFromString(raw)
     except DecodeError as error:
         raise ValueError(f"undecodable usage event: {error}") from error
-    if not event.request_id or not event.tenant_id:
-        raise ValueError("usage event lacks request_id or tenant_id")
+    if not event.request_id or not event.tenant_id or not event.key_id:
+        raise ValueError("usage event lacks request_id, tenant_id or key_id")
     return event

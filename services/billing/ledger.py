@@ -7,6 +7,7 @@ tenant and per key. Money is integer micro-units."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from mariana_common.errors import InvalidArgument
@@ -113,6 +114,17 @@ class Ledger:
                 )
                 if inserted:
                     new.append(e)
+            added: Counter[tuple[str, str]] = Counter()
+            for e in new:
+                added[(e.tenant_id, e.key_id)] += e.cost_micros
+                added[(e.tenant_id, TENANT_WIDE)] += e.cost_micros
+            for (tenant_id, key_id), cost in added.items():
+                self._db.execute(
+                    "INSERT INTO spend (tenant_id, key_id, spent_micros) VALUES (?, ?, ?)"
+                    " ON CONFLICT (tenant_id, key_id)"
+                    " DO UPDATE SET spent_micros = spend.spent_micros + excluded.spent_micros",
+                    (tenant_id, key_id, cost),
+                )
         return new
 
     def entries(self, tenant_id: str, request_id: str = "") -> list[Entry]:
@@ -164,11 +176,10 @@ class Ledger:
             raise InvalidArgument(str(error)) from error
 
     def _spent(self, tenant_id: str, key_id: str | None = None) -> int:
-        query, params = "SELECT COALESCE(SUM(cost_micros), 0) FROM usage_entries WHERE tenant_id = ?", [tenant_id]
-        if key_id is not None:
-            query += " AND key_id = ?"
-            params.append(key_id)
-        row = self._db.fetchone(query, params)
+        row = self._db.fetchone(
+            "SELECT spent_micros FROM spend WHERE tenant_id = ? AND key_id = ?",
+            (tenant_id, TENANT_WIDE if key_id is None else key_id),
+        )
         return int(row[0]) if row else 0
 
     def _limits(self, tenant_id: str, key_id: str, spent: int) -> Limits:
@@ -183,14 +194,8 @@ class Ledger:
 
     def spend_by_scope(self) -> list[tuple[str, str, int]]:
         """(tenant, key, spent) for every key, and (tenant, "", spent) for every tenant."""
-        rows = self._db.fetchall(
-            "SELECT tenant_id, key_id, COALESCE(SUM(cost_micros), 0) FROM usage_entries GROUP BY tenant_id, key_id"
-        )
-        per_key = [(str(t), str(k), int(c)) for t, k, c in rows]
-        tenants: dict[str, int] = {}
-        for tenant, _, cost in per_key:
-            tenants[tenant] = tenants.get(tenant, 0) + cost
-        return per_key + [(tenant, "", cost) for tenant, cost in tenants.items()]
+        rows = self._db.fetchall("SELECT tenant_id, key_id, spent_micros FROM spend")
+        return [(str(t), str(k), int(c)) for t, k, c in rows]
 
     def hard_limits(self) -> list[tuple[str, str, int]]:
         rows = self._db.fetchall("SELECT tenant_id, key_id, hard_limit_micros FROM budgets")

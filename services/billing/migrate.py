@@ -16,8 +16,8 @@ def sqlalchemy_url(url: str) -> str:
     return url  # sqlite:///path
 
 
-def upgrade(url: str) -> None:
+def upgrade(url: str, revision: str = "head") -> None:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.set_main_option("sqlalchemy.url", sqlalchemy_url(url).replace("%", "%%"))
-    command.upgrade(config, "head")
+    command.upgrade(config, revision)

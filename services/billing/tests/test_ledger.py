@@ -13,7 +13,8 @@ from mariana_common.sql import Database
 from services.billing.consumer import to_entry
 from services.billing.events import decode, encode
 from services.billing.invoices import amount, make_invoice, to_csv
-from services.billing.ledger import Entry, Ledger
+from services.billing.ledger import COLUMNS, Entry, Ledger
+from services.billing.migrate import upgrade
 from services.billing.prices import Price, PriceCatalog, load_prices
 
 
@@ -163,3 +164,31 @@ def test_the_price_in_force_when_the_request_ran() -> None:
     assert catalog.price("m", at("2026-02-01")).input_per_million == 9  # before the model had a price
     assert catalog.price("other", at("2026-07-01")).input_per_million == 9
     assert load_prices().price("smollm2-135m-instruct", at("2026-11-25")).input_per_million == 100_000
+
+
+def test_spend_is_kept_per_key_and_tenant_as_usage_is_recorded(ledger: Ledger) -> None:
+    ledger.record([entry("r1", cost=100), entry("r2", cost=20, key="k2"), entry("r3", "t2", cost=7)])
+    ledger.record([entry("r1", cost=100), entry("r4", cost=3)])  # r1 again: not counted twice
+    assert sorted(ledger.spend_by_scope()) == [
+        ("t1", "", 123),
+        ("t1", "k1", 103),
+        ("t1", "k2", 20),
+        ("t2", "", 7),
+        ("t2", "k1", 7),
+    ]
+    status = ledger.budget_status("t1", "k2")
+    assert status.tenant.spent_micros == 123 and status.key.spent_micros == 20
+
+
+def test_upgrading_an_older_ledger_totals_the_usage_it_already_has(database_url: str) -> None:
+    upgrade(database_url, "0001")
+    old = Database(database_url)
+    for request_id, key, cost in (("r1", "k1", 5), ("r2", "k1", 6), ("r3", "k2", 7)):
+        old.execute(
+            f"INSERT INTO usage_entries ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (request_id, "t1", key, "m", 1, 1, "stop", 1.0, cost),
+        )
+    ledger = Ledger(Database(database_url))  # migrates to the newest schema
+    assert sorted(ledger.spend_by_scope()) == [("t1", "", 18), ("t1", "k1", 11), ("t1", "k2", 7)]
+    ledger.record([entry("r4", cost=2, key="k2")])
+    assert ledger.budget_status("t1", "k2").key.spent_micros == 9
