@@ -307,7 +307,7 @@ def ext_authz_cluster(plan: Plan) -> Cluster:
     """auth's HTTP check port: the auth cluster's policy (breaker, outlier
     detection, mTLS as Envoy), HTTP/1.1, health from `GET /healthz`."""
     service = plan.topology.services[AUTH]
-    base = cluster(plan, AUTH, service, ports=plan.ext_authz_ports, cluster_name=EXT_AUTHZ_CLUSTER)
+    base = cluster(plan, AUTH, service, ports=plan.ext_authz_ports, cluster_name=EXT_AUTHZ_CLUSTER, alpn=("http/1.1",))
     http1 = HttpProtocolOptions(
         explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http_protocol_options=Http1ProtocolOptions())
     )

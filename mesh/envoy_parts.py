@@ -198,7 +198,7 @@ def _thresholds(service: Service) -> CircuitBreakersThresholds:
 
 
 def _upstream(
-    plan: Plan, name: str, ports: list[int]
+    plan: Plan, name: str, ports: list[int], alpn: tuple[str, ...]
 ) -> tuple[ClusterDiscoveryType, list[LbEndpoint], TransportSocket | None]:
     """Locally: each replica's port, over mTLS as Envoy. On Kubernetes: the
     service's DNS name in plaintext to the pod's sidecar, which does mTLS."""
@@ -207,18 +207,25 @@ def _upstream(
         return ClusterDiscoveryType.STRICT_DNS, [LbEndpoint(endpoint=Endpoint(address=dns))], None
     endpoints = [LbEndpoint(endpoint=Endpoint(address=address(port))) for port in ports]
     upstream_tls = UpstreamTlsContext(
-        common_tls_context=tls_context(plan, [plan.topology.spiffe_id(name)]), sni="localhost"
+        common_tls_context=tls_context(plan, [plan.topology.spiffe_id(name)], alpn), sni="localhost"
     )
     tls = TransportSocket(name="envoy.transport_sockets.tls", typed_config=Any.pack(upstream_tls))
     return ClusterDiscoveryType.STATIC, endpoints, tls
 
 
 def cluster(
-    plan: Plan, name: str, service: Service, *, ports: list[int] | None = None, cluster_name: str | None = None
+    plan: Plan,
+    name: str,
+    service: Service,
+    *,
+    ports: list[int] | None = None,
+    cluster_name: str | None = None,
+    alpn: tuple[str, ...] = ("h2",),
 ) -> Cluster:
     """Service `name`'s replicas (on `ports`, by default its gRPC ports), as
-    the cluster `cluster_name` (by default `name`)."""
-    discovery, endpoints, transport_socket = _upstream(plan, name, plan.service_ports[name] if ports is None else ports)
+    the cluster `cluster_name` (by default `name`), offering `alpn` in TLS."""
+    ports = plan.service_ports[name] if ports is None else ports
+    discovery, endpoints, transport_socket = _upstream(plan, name, ports, alpn)
     cluster_name = cluster_name or name
     protocol = HttpProtocolOptions(
         explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())

@@ -69,14 +69,14 @@ def sds_secrets(plan: Plan) -> dict[str, Secret]:
     }
 
 
-def tls_context(plan: Plan, peer_ids: list[str]) -> CommonTlsContext:
+def tls_context(plan: Plan, peer_ids: list[str], alpn: tuple[str, ...] = ("h2",)) -> CommonTlsContext:
     sans = [
         SubjectAltNameMatcher(san_type=SubjectAltNameMatcherSanType.URI, matcher=StringMatcher(exact=peer))
         for peer in peer_ids
     ]
     return CommonTlsContext(
         # gRPC servers refuse TLS without ALPN h2.
-        alpn_protocols=["h2"],
+        alpn_protocols=list(alpn),
         tls_certificate_sds_secret_configs=[_sds(plan, IDENTITY_SECRET)],
         combined_validation_context=CommonTlsContextCombinedCertificateValidationContext(
             default_validation_context=CertificateValidationContext(match_typed_subject_alt_names=sans),

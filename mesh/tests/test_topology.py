@@ -232,6 +232,13 @@ def test_edge_asks_auth_over_http_or_grpc(api: str, tmp_path: Path, pki: dict[st
     protocol = cluster["typedExtensionProtocolOptions"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
     assert "httpProtocolOptions" in protocol["explicitHttpConfig"]
     assert cluster["healthChecks"][0]["httpHealthCheck"]["path"] == "/healthz"
-    # the same mTLS as Envoy's other upstreams: auth's identity only
+    # the same mTLS as Envoy's other upstreams: auth's identity only; HTTP/1.1 offered in TLS, not h2
     assert "spiffe://mariana.local/auth" in json.dumps(cluster["transportSocket"])
+    assert cluster["transportSocket"]["typedConfig"]["commonTlsContext"]["alpnProtocols"] == ["http/1.1"]
+    assert clusters["auth"]["transportSocket"]["typedConfig"]["commonTlsContext"]["alpnProtocols"] == ["h2"]
+    # never the caller's content-type as such: a gRPC-typed check makes Envoy's own replies 200s (allows)
+    forwarded = [p["exact"] for p in authz["allowedHeaders"]["patterns"]]
+    assert "content-type" not in forwarded
+    (added,) = http["authorizationRequest"]["headersToAdd"]
+    assert added == {"key": "x-mariana-caller-content-type", "value": "%REQ(content-type)%"}
     assert cluster["outlierDetection"] == clusters["auth"]["outlierDetection"]

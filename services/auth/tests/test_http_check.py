@@ -102,9 +102,11 @@ async def test_a_check_whose_caller_hung_up_is_dropped_quietly() -> None:
     """Envoy closes the connection when its timeout passes; the late answer is
     not written, and nothing fails in the server's event loop."""
     release = asyncio.Event()
+    entered: asyncio.Queue[str] = asyncio.Queue()
     decided: list[str] = []
 
     async def decide(head: Head) -> bytes:
+        entered.put_nowait(head.path)
         await release.wait()
         decided.append(head.path)
         return response(200, "OK", {"x-mariana-tenant": "t"})
@@ -116,15 +118,16 @@ async def test_a_check_whose_caller_hung_up_is_dropped_quietly() -> None:
     port = server.sockets[0].getsockname()[1]
     request = b"POST /check/v1/models HTTP/1.1\r\nhost: auth\r\ncontent-length: 0\r\n\r\n"
     try:
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(request)
-        await writer.drain()
-        await asyncio.sleep(0.05)
-        writer.close()  # what Envoy does at its timeout
-        await asyncio.sleep(0.05)
-        release.set()
+        _, hung_up = await asyncio.open_connection("127.0.0.1", port)
+        hung_up.write(request)
+        await entered.get()  # its check is being decided
+        hung_up.close()  # what Envoy does at its timeout
+        await hung_up.wait_closed()
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(request)
+        # by the time this one is being decided, the server has read the first one's close
+        await entered.get()
+        release.set()
         answered = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         writer.close()
     finally:
