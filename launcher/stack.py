@@ -87,11 +87,12 @@ class Stack:
             prefix + "OTLP_ENDPOINT": self.settings.otlp_endpoint,
         }
         data = self.data_dir
+        replica = self.plan.service_ports[name].index(port)
         extra: dict[str, dict[str, object]] = {
             "auth": {
                 "DATABASE": data / "auth" / "keys.db",
                 "PEPPER_FILE": data / "auth" / "pepper",
-                "EXT_AUTHZ_PORT": self.plan.ext_authz_ports[self.plan.service_ports[name].index(port)],
+                **({"EXT_AUTHZ_PORT": self.plan.ext_authz_ports[replica]} if name == "auth" else {}),
             },
             "billing": {"DATABASE": data / "billing" / "ledger.db", "CONSUMER_NAME": f"billing-{port}"},
             "inference": {"MODEL_DIR": self.settings.resolved_model_dir(), "BACKEND": self.settings.inference_backend},

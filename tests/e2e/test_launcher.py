@@ -12,8 +12,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
-from launcher.settings import REPO
+from launcher.settings import REPO, LauncherSettings
+from launcher.stack import Stack
 from mesh.plan import free_port
 
 pytestmark = pytest.mark.e2e
@@ -74,3 +76,21 @@ def test_sigkill_of_the_launcher_leaves_no_orphans(tmp_path: Path, model_dir: Pa
     process.kill()
     process.wait(timeout=10)
     assert_all_gone(children)
+
+
+def test_each_replica_gets_its_own_ports_whatever_the_other_services_replicas(tmp_path: Path, model_dir: Path) -> None:
+    """Two inference replicas and one auth replica (the router chaos
+    benchmark's shape): each process's settings, without starting any."""
+    topology = tmp_path / "topology.yaml"
+    raw = yaml.safe_load((REPO / "mesh" / "topology.yaml").read_text())
+    raw["services"]["inference"]["replicas"] = 2
+    topology.write_text(yaml.safe_dump(raw))
+    settings = LauncherSettings(data_dir=tmp_path, any_ports=True, model_dir=model_dir, topology_file=topology)
+    stack = Stack(settings)
+    stack.plan = plan = stack._prepare()
+    first, second = (stack._service_env("inference", port) for port in plan.service_ports["inference"])
+    assert [first["MARIANA_INFERENCE_PORT"], second["MARIANA_INFERENCE_PORT"]] == [
+        str(port) for port in plan.service_ports["inference"]
+    ]
+    (auth_port,) = plan.service_ports["auth"]
+    assert stack._service_env("auth", auth_port)["MARIANA_AUTH_EXT_AUTHZ_PORT"] == str(plan.ext_authz_ports[0])
