@@ -60,7 +60,7 @@ async def main() -> None:
         results = await asyncio.gather(*(e.drain(settings.shutdown_grace_s) for e in engines.values()))
         log.info("drained", all_finished=all(results))
 
-    server = create_server(settings, register(engines, embedder, settings.progress_interval_s), [SERVICE_NAME])
+    server = create_server(settings, register(engines, embedder), [SERVICE_NAME])
     try:
         await serve(server, settings, before_stop=drain)
     finally:

@@ -15,7 +15,6 @@ from mariana.inference.v1 import inference_pb2 as pb
 from mariana.inference.v1 import inference_pb2_grpc as pb_grpc
 from mariana_common.errors import InvalidArgument, NotFound, Unavailable
 from mariana_common.server import Context, Registrar
-from services.inference.coalesce import PROGRESS_INTERVAL_S, Coalescer
 from services.inference.embedder import Embedder
 from services.inference.engine import ChatEngine, GenerationInput, Sampling
 from services.inference.metrics import TIME_TO_FIRST_TOKEN, TOKENS_GENERATED
@@ -72,15 +71,9 @@ def logprob_to_proto(engine: ChatEngine, lp: TokenLogprob) -> pb.TokenLogprob:
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
-    def __init__(
-        self,
-        engines: Mapping[str, ChatEngine],
-        embedder: Embedder | None,
-        progress_interval_s: float = PROGRESS_INTERVAL_S,
-    ) -> None:
+    def __init__(self, engines: Mapping[str, ChatEngine], embedder: Embedder | None) -> None:
         self._engines = engines
         self._embedder = embedder
-        self._progress_interval_s = progress_interval_s
 
     def _engine(self, model: str) -> ChatEngine:
         engine = self._engines.get(model)
@@ -103,14 +96,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> AsyncIterator[pb.GenerateResponse]:
         engine = self._engine(request.model)
-        whole = Coalescer(self._progress_interval_s) if request.whole_answer else None
         sent, finished = 0, False
         try:
             async with aclosing(self._steps(engine, request)) as steps:
-                async for step in steps:
-                    event = whole.add(step) if whole is not None else step
-                    if event is None:
-                        continue
+                async for event in steps:
                     finished = event.finish_reason is not None
                     yield response_of(engine, event)
                     sent = event.completion_tokens
@@ -193,11 +182,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return pb.GetStatsResponse(engines=engines)
 
 
-def register(
-    engines: Mapping[str, ChatEngine], embedder: Embedder | None, progress_interval_s: float = PROGRESS_INTERVAL_S
-) -> Registrar:
+def register(engines: Mapping[str, ChatEngine], embedder: Embedder | None) -> Registrar:
     def add(server: grpc.aio.Server) -> None:
-        servicer = InferenceServicer(engines, embedder, progress_interval_s)
+        servicer = InferenceServicer(engines, embedder)
         pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
 
     return add

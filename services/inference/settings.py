@@ -7,7 +7,6 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from mariana_common.settings import ServiceSettings
-from services.inference.coalesce import PROGRESS_INTERVAL_S
 from services.inference.loader import Backend
 
 
@@ -28,11 +27,6 @@ class InferenceSettings(ServiceSettings):
     echo_chunk_tokens: int = Field(4, gt=0, description="echo backend: tokens per streamed chunk.")
     echo_chunk_interval_s: float = Field(0.0, ge=0, description="echo backend: pause before each chunk.")
     tp_size: int = Field(1, ge=1, description="Tensor-parallel degree for the deepspeed backend on GPUs.")
-    progress_interval_s: float = Field(
-        PROGRESS_INTERVAL_S,
-        gt=0,
-        description="A whole answer (not streamed to its client) sends progress (tokens so far) at most this often.",
-    )
     default_max_tokens: int = Field(256, gt=0, description="max_tokens when a request names none.")
     max_batch: int = Field(32, gt=0, description="Sequences decoded together at most (batch slots).")
     max_waiting: int = Field(128, ge=0, description="Admitted requests waiting for a slot, at most.")

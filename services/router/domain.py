@@ -127,7 +127,7 @@ class Inference(Protocol):
         self, request: GenerationRequest, request_id: str, timeout_s: float | None = None, stream: bool = True
     ) -> AsyncGenerator[Piece, None]:
         """`stream=False`: the caller wants only the whole answer; the pieces
-        may come merged (the text in the last, a progress piece now and then)."""
+        may come merged (over gRPC, the whole answer in one piece)."""
 
     async def embed(self, model: str, texts: Sequence[str], request_id: str) -> tuple[list[list[float]], int]: ...
 

@@ -43,7 +43,7 @@ def _metadata(request_id: str) -> tuple[tuple[str, str], ...]:
     return (("x-request-id", request_id),)
 
 
-def generate_request(request: GenerationRequest, request_id: str, stream: bool = True) -> inf.GenerateRequest:
+def generate_request(request: GenerationRequest, request_id: str) -> inf.GenerateRequest:
     s = request.sampling
     sampling = inf.SamplingParams(
         max_tokens=s.max_tokens or 0,
@@ -57,9 +57,7 @@ def generate_request(request: GenerationRequest, request_id: str, stream: bool =
     )
     if s.seed is not None:
         sampling.seed = s.seed
-    message = inf.GenerateRequest(
-        request_id=request_id, model=request.model, sampling=sampling, whole_answer=not stream
-    )
+    message = inf.GenerateRequest(request_id=request_id, model=request.model, sampling=sampling)
     if request.messages is not None:
         message.messages.items.extend(inf.Message(role=r, content=t) for r, t in request.messages)
     else:
@@ -92,7 +90,7 @@ class GrpcInference:
         self, request: GenerationRequest, request_id: str, timeout_s: float | None = None, stream: bool = True
     ) -> AsyncGenerator[Piece, None]:
         timeout = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
-        message = generate_request(request, request_id, stream)
+        message = generate_request(request, request_id)
         if not stream:
             # The whole answer in one unary call: a stream's messages cost CPU
             # at both ends and in Envoy, for pieces this caller only joins.

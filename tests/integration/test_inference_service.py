@@ -34,13 +34,11 @@ def engines(model_dir: Path) -> dict[str, Engine]:
 
 
 @contextlib.asynccontextmanager
-async def serving(
-    engines: dict[str, Engine], pki: dict[str, CertFiles], **options: float
-) -> AsyncIterator[pb_grpc.InferenceServiceStub]:
+async def serving(engines: dict[str, Engine], pki: dict[str, CertFiles]) -> AsyncIterator[pb_grpc.InferenceServiceStub]:
     own = pki["inference"]
     settings = ServiceSettings(tls_cert=own.cert, tls_key=own.key, tls_ca=own.ca, port=0)
     embedder = Embedder("all-minilm-l6-v2", packaged_minilm())
-    server: Server = create_server(settings, servicer.register(engines, embedder, **options), [servicer.SERVICE_NAME])
+    server: Server = create_server(settings, servicer.register(engines, embedder), [servicer.SERVICE_NAME])
     await server.start()
     client = pki["router"]
     async with grpc.aio.secure_channel(
@@ -78,22 +76,6 @@ async def test_stream_carries_usage_on_every_message(stub: pb_grpc.InferenceServ
     completions = [r.usage.completion_tokens for r in replies]
     assert completions == sorted(completions) and replies[-1].finish_reason in ("stop", "length")
     assert all(r.usage.prompt_tokens == replies[0].usage.prompt_tokens > 0 for r in replies)
-
-
-async def test_a_whole_answer_comes_in_two_messages_with_the_same_text(
-    engines: dict[str, Engine], pki: dict[str, CertFiles]
-) -> None:
-    # Progress no more than once a minute: the first step, then the rest in the last message.
-    async with serving(engines, pki, progress_interval_s=60.0) as stub:
-        streamed_request = chat("chat-a", "Name three rivers.", max_tokens=24, temperature=0.0)
-        streamed = [r async for r in stub.Generate(streamed_request)]
-        whole_request = chat("chat-a", "Name three rivers.", max_tokens=24, temperature=0.0, logprobs=True)
-        whole_request.whole_answer = True
-        whole = [r async for r in stub.Generate(whole_request)]
-    assert len(streamed) > 3 and len(whole) == 2
-    assert "".join(r.text for r in whole) == "".join(r.text for r in streamed)
-    assert whole[-1].usage == streamed[-1].usage and whole[-1].finish_reason == streamed[-1].finish_reason
-    assert sum(len(r.logprobs) for r in whole) == whole[-1].usage.completion_tokens
 
 
 async def test_complete_is_the_whole_answer_in_one_reply(stub: pb_grpc.InferenceServiceStub) -> None:
