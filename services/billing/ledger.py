@@ -118,7 +118,9 @@ class Ledger:
             for e in new:
                 added[(e.tenant_id, e.key_id)] += e.cost_micros
                 added[(e.tenant_id, TENANT_WIDE)] += e.cost_micros
-            for (tenant_id, key_id), cost in added.items():
+            # in one order for every batch: two billing replicas applying at
+            # once (PostgreSQL, row locks) then wait for each other, never deadlock
+            for (tenant_id, key_id), cost in sorted(added.items()):
                 self._db.execute(
                     "INSERT INTO spend (tenant_id, key_id, spent_micros) VALUES (?, ?, ?)"
                     " ON CONFLICT (tenant_id, key_id)"
