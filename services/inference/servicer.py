@@ -122,9 +122,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                         first_token_at = time.perf_counter()
                     texts.append(last.text)
                     logprobs.extend(last.logprobs)
-        finally:
-            if last is None or last.finish_reason is None:
-                log.info("generation stopped early", request_id=request.request_id, completion_tokens_sent=0)
+        except BaseException:  # the caller went away (or the engine failed): it was sent nothing
+            log.info("generation stopped early", request_id=request.request_id, completion_tokens_sent=0)
+            raise
         if last is None or last.finish_reason is None:
             raise Unavailable("the engine ended without finishing the answer")
         answer = replace(last, text="".join(texts), logprobs=tuple(logprobs))
