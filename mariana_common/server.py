@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from mariana_common.gc_pacing import GcPacer
 from mariana_common.interceptors import Context, ErrorStatusInterceptor
 from mariana_common.metrics import serve_metrics
 from mariana_common.settings import ServiceSettings
@@ -25,7 +26,8 @@ from mariana_common.tls import server_credentials, uri_names
 __all__ = ["Context", "Registrar", "Server", "create_server", "run", "serve"]
 
 log = structlog.get_logger()
-# Allocations (minus frees) between two young-generation collections; Python's default is 700.
+# Allocations (minus frees) that start a young-generation collection between
+# two paced ones (a burst); Python's default is 700.
 GC_YOUNG_THRESHOLD = 10_000
 
 Registrar = Callable[[grpc.aio.Server], None]
@@ -103,8 +105,9 @@ async def serve(
     if settings.port_file is not None:
         settings.port_file.write_text(str(server.port))
     log.info("serving", address=f"{settings.host}:{server.port}")
-    quiet_garbage_collector()
+    pacer = quiet_garbage_collector()
     await stop.wait()
+    pacer.cancel()
     log.info("draining", grace_s=settings.shutdown_grace_s)
     await server.set_serving(False)
     if before_stop is not None:
@@ -113,14 +116,15 @@ async def serve(
     log.info("stopped")
 
 
-def quiet_garbage_collector() -> None:
+def quiet_garbage_collector() -> asyncio.Task[None]:
     """What start-up made (modules, models, settings) lives as long as the
     process: moved out of the collector's reach, so a full collection does not
-    walk it again and again; and the young generation collected less often.
-    A request's objects are freed by reference counting; cycles are rare."""
+    walk it again and again. Then collections are paced by the clock, in small
+    pieces (`gc_pacing`), with the allocation threshold as the backstop."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
+    return asyncio.get_running_loop().create_task(GcPacer().run())
 
 
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:

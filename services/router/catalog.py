@@ -112,15 +112,15 @@ class Catalog(Strict):
 
     def chain(self, model: str) -> list[str]:
         """The model, then its fallbacks (depth first, each model once)."""
+        # A stack, not a recursive closure: a closure that calls itself is a
+        # reference cycle, garbage only the collector frees (per request).
         order: list[str] = []
-
-        def visit(name: str) -> None:
+        pending = [model]
+        while pending:
+            name = pending.pop()
             if name not in order:
                 order.append(name)
-                for fallback in self.models[name].fallbacks:
-                    visit(fallback)
-
-        visit(model)
+                pending.extend(reversed(self.models[name].fallbacks))
         return order
 
 

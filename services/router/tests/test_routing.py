@@ -3,6 +3,7 @@ scripted stand-in for an inference service)."""
 
 from __future__ import annotations
 
+import gc
 import random
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
@@ -247,6 +248,26 @@ def test_fallback_chains_visit_each_model_once() -> None:
         }
     )
     assert cat.chain("a") == ["a", "b", "c"]
+
+
+def test_fallback_chains_are_depth_first_and_leave_no_cycles_for_the_collector() -> None:
+    cat = catalog(
+        models={
+            "a": {"pools": ["a1"], "fallbacks": ["b", "c"]},
+            "b": {"pools": ["b"], "fallbacks": ["d"]},
+            "c": {"pools": ["a2"]},
+            "d": {"pools": ["a2"]},
+        }
+    )
+    gc.collect()
+    gc.disable()
+    try:
+        assert cat.chain("a") == ["a", "b", "d", "c"]
+        # Called on every request: what it made is freed at once, not left
+        # for a collection (a pause on the request path).
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 async def test_a_caller_that_stops_at_the_last_piece_still_counts_as_a_success() -> None:
