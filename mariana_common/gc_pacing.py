@@ -11,7 +11,9 @@ bursts.
 
 The older generations keep CPython's proportions (the middle one after 20
 young collections, the oldest after 20 middle ones), and a full collection,
-the one that walks every long-lived object, comes at most once a minute."""
+the one that walks every long-lived object, comes at most once a minute.
+The price: an idle service wakes 20 more times a second (measured: 0.3-0.4 %
+of a core per idle service, all its work included)."""
 
 from __future__ import annotations
 
