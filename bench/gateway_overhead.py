@@ -67,10 +67,14 @@ class Result:
 
 
 class CpuMeter:
-    """CPU seconds (user + system) of each process of the stack over a phase."""
+    """CPU seconds (user + system) of each process of a platform over a phase."""
 
-    def __init__(self, stack: Stack) -> None:
-        self._processes = {p.name: psutil.Process(p.pid) for p in stack.processes}
+    def __init__(self, processes: dict[str, psutil.Process]) -> None:
+        self._processes = processes
+
+    @classmethod
+    def of(cls, stack: Stack) -> CpuMeter:
+        return cls({p.name: psutil.Process(p.pid) for p in stack.processes})
 
     def sample(self) -> dict[str, float]:
         times = {name: p.cpu_times() for name, p in self._processes.items()}
@@ -258,7 +262,7 @@ def main() -> None:
             (inference_port,) = stack.plan.service_ports["inference"]
             pki = str(Path(data) / "pki")
             key = issue_key(edge, master)
-            meter = CpuMeter(stack)
+            meter = CpuMeter.of(stack)
             backlog = BillingBacklog(stack.plan.redis_port)
             loads: dict[str, tuple[str, Callable[[float], dict]]] = {
                 "direct": (

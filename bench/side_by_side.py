@@ -29,7 +29,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.gateway_overhead import wrk_load
+from bench.gateway_overhead import CpuMeter, wrk_load
 from launcher.settings import REPO
 
 # Untracked parts of a checkout that a worktree borrows from this one.
@@ -73,11 +73,11 @@ class Side:
         return found
 
     def phase(self, rate: float, seconds: float) -> str:
-        processes = self.processes()
-        before = {n: sum(p.cpu_times()[:2]) for n, p in processes.items()}
+        meter = CpuMeter(self.processes())
+        before = meter.sample()
         result = wrk_load(self.edge, self.key, rate, seconds, stream=False)
         done = max(1, result["ok"])
-        per_request = {n: (sum(p.cpu_times()[:2]) - before[n]) * 1e3 / done for n, p in processes.items()}
+        per_request = {n: cpu_s * 1e3 / done for n, cpu_s in CpuMeter.diff(before, meter.sample()).items()}
         self.p50.append(result["p50"])
         self.p99.append(result["p99"])
         for name, ms in per_request.items():
