@@ -32,7 +32,9 @@ LEASES = "mariana:resv:leases"
 
 # KEYS: tenant scope, key scope, reservation, leases, then token buckets.
 # ARGV: amount, tokens, lease ms, request id.
-# Returns {1, 0, "ok"} | {0, retry_after_ms, "tenant"|"key"|"tokens"|"too_large"}.
+# Returns {1, 0, "ok", money left, tokens left} (after this reservation; -1:
+# no hard budget, no bucket) | {0, retry_after_ms, "tenant"|"key"|"tokens"|"too_large"}.
+# A retried reservation (it exists) returns {1, 0, "ok"}: what is left is not known.
 RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -40,14 +42,21 @@ if redis.call('EXISTS', KEYS[3]) == 1 then
   return {1, 0, 'ok'}
 end
 local amount, tokens, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local money_left = -1
 for i = 1, 2 do
   local s = redis.call('HMGET', KEYS[i], 'hard', 'spent', 'reserved')
   local hard = tonumber(s[1]) or 0
-  if hard > 0 and (tonumber(s[2]) or 0) + (tonumber(s[3]) or 0) + amount > hard then
-    return {0, 0, i == 1 and 'tenant' or 'key'}
+  if hard > 0 then
+    local left = hard - (tonumber(s[2]) or 0) - (tonumber(s[3]) or 0) - amount
+    if left < 0 then
+      return {0, 0, i == 1 and 'tenant' or 'key'}
+    end
+    if money_left < 0 or left < money_left then
+      money_left = left
+    end
   end
 end
-local levels, wait, buckets = {}, 0, {}
+local levels, wait, buckets, tokens_left = {}, 0, {}, -1
 for j = 5, #KEYS do
   local b = redis.call('HMGET', KEYS[j], 'tokens', 'ts', 'cap', 'rate')
   if b[3] then
@@ -69,6 +78,10 @@ end
 for j = 5, #KEYS do
   if levels[j] then
     redis.call('HSET', KEYS[j], 'tokens', tostring(levels[j] - tokens), 'ts', now)
+    local left = math.floor(levels[j] - tokens)
+    if tokens_left < 0 or left < tokens_left then
+      tokens_left = left
+    end
   end
 end
 redis.call('HINCRBY', KEYS[1], 'reserved', amount)
@@ -77,7 +90,7 @@ redis.call('HSET', KEYS[3], 'amount', amount, 'tokens', tokens, 'settled', 0,
   'tenant_scope', KEYS[1], 'key_scope', KEYS[2], 'buckets', table.concat(buckets, ' '))
 redis.call('PEXPIRE', KEYS[3], lease + 3600000)
 redis.call('ZADD', KEYS[4], now + lease, ARGV[4])
-return {1, 0, 'ok'}
+return {1, 0, 'ok', money_left, tokens_left}
 """
 
 # KEYS: reservation. ARGV: actual amount, actual tokens. Once per reservation:
@@ -176,6 +189,16 @@ class Refusal:
     retry_after_ms: int
 
 
+@dataclass(frozen=True)
+class Headroom:
+    """What a tenant's key had left just after a reservation: micro-units
+    before the nearer hard budget, tokens in its emptier bucket (None: no
+    budget, no bucket)."""
+
+    money_micros: int | None
+    tokens: int | None
+
+
 class Reservations:
     def __init__(self, client: redis.Redis) -> None:
         self._redis = client
@@ -194,10 +217,30 @@ class Reservations:
         lease_ms: int,
         token_buckets: list[str],
     ) -> Refusal | None:
+        outcome = await self.admit(request_id, tenant_id, key_id, amount_micros, tokens, lease_ms, token_buckets)
+        return outcome if isinstance(outcome, Refusal) else None
+
+    async def admit(
+        self,
+        request_id: str,
+        tenant_id: str,
+        key_id: str,
+        amount_micros: int,
+        tokens: int,
+        lease_ms: int,
+        token_buckets: list[str],
+    ) -> Refusal | Headroom | None:
+        """RESERVE: the refusal, or what is left once reserved (None when it
+        was reserved before, by a retry of the same request)."""
         keys = [*_request_keys(request_id, tenant_id, key_id), *token_buckets]
         reply = await self._reserve(keys=keys, args=[amount_micros, tokens, lease_ms, request_id])
         ok, wait_ms, reason = int(reply[0]), int(reply[1]), reply[2]
-        return None if ok else Refusal(reason.decode() if isinstance(reason, bytes) else str(reason), wait_ms)
+        if not ok:
+            return Refusal(reason.decode() if isinstance(reason, bytes) else str(reason), wait_ms)
+        if len(reply) < 5:
+            return None
+        money, left = int(reply[3]), int(reply[4])
+        return Headroom(money if money >= 0 else None, left if left >= 0 else None)
 
     def settle_into(self, pipe: redis.client.Pipeline, request_id: str, actual_micros: int, tokens: int) -> None:
         """Queues a settle on a pipeline (the router sends it with the usage

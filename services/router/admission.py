@@ -3,10 +3,19 @@ could cost at most — its prompt tokens (counted with the model's tokenizer,
 plus the chat template's tokens) and `max_tokens` for each choice, priced at
 the highest price of any model it may be served by — against the hard budgets
 and tokens-per-minute buckets every replica shares (one Redis script). The
-reservation is settled to the real usage when the request ends."""
+reservation is settled to the real usage when the request ends.
+
+Where a refusal is unlikely, the reservation's round trip runs side by side with
+the inference call instead of before it: Redis says what the key has left after
+each reservation, and while that (less what has been started since) is at least
+twice the request's worst case, the request goes to inference at once and its
+first piece waits for the reservation. Refused then (other replicas or keys
+spent the rest meanwhile), inference is cancelled and nothing was delivered or
+billed; the key's next request waits for its reservation again."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,9 +29,9 @@ from mariana_common.errors import ResourceExhausted, Unavailable
 from mariana_common.outage import OutageGate
 from services.auth.rate_limit import token_buckets
 from services.billing.prices import PriceCatalog
-from services.billing.reservations import Reservations
+from services.billing.reservations import Headroom, Refusal, Reservations
 from services.router.domain import Caller, GenerationRequest
-from services.router.metrics import RESERVATIONS
+from services.router.metrics import RESERVATIONS, RESERVATIONS_OVERLAPPED
 
 log = structlog.get_logger()
 
@@ -61,6 +70,68 @@ class WorstCase:
         return self.prompt_tokens + self.completion_tokens
 
 
+# How long what Redis said a key has left is trusted for overlapping, and how
+# many keys are remembered before the stale ones are dropped.
+HEADROOM_TTL_S = 5.0
+HEADROOM_KEYS = 10_000
+
+
+@dataclass
+class KnownHeadroom:
+    money_micros: int | None
+    tokens: int | None
+    at: float
+
+    def fits_twice(self, worst: WorstCase) -> bool:
+        money_ok = self.money_micros is None or 2 * worst.cost_micros <= self.money_micros
+        return money_ok and (self.tokens is None or 2 * worst.tokens <= self.tokens)
+
+    def take(self, worst: WorstCase) -> None:
+        if self.money_micros is not None:
+            self.money_micros -= worst.cost_micros
+        if self.tokens is not None:
+            self.tokens -= worst.tokens
+
+
+class Ticket:
+    """A request's reservation: made already, or under way beside inference.
+    `confirm` waits for it (raising the refusal); nothing may reach the caller
+    before it returns."""
+
+    def __init__(self, outcome: asyncio.Future[bool]) -> None:
+        self._outcome = outcome
+
+    @classmethod
+    def made(cls, reserved: bool) -> Ticket:
+        outcome: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        outcome.set_result(reserved)
+        return cls(outcome)
+
+    async def confirm(self) -> bool:
+        # shielded: a caller that goes away must not cancel a reservation Redis
+        # may have made already; it is released when it comes back
+        return await asyncio.shield(self._outcome)
+
+    @property
+    def reserved(self) -> bool:
+        """Whether there is a reservation to settle or release."""
+        done = self._outcome.done() and not self._outcome.cancelled()
+        return done and self._outcome.exception() is None and self._outcome.result()
+
+    def release_if_reserved(self, release: Callable[[], None]) -> None:
+        """For a request that ends unbilled: `release` now if reserved, or when
+        a reservation still under way is made."""
+
+        def after(outcome: asyncio.Future[bool]) -> None:
+            if self.reserved:
+                release()
+
+        if self._outcome.done():
+            after(self._outcome)
+        else:
+            self._outcome.add_done_callback(after)
+
+
 class Admission:
     def __init__(
         self,
@@ -78,6 +149,7 @@ class Admission:
         self._counter = counter
         self._lease_s = lease_s
         self._clock = clock
+        self._headroom: dict[tuple[str, str], KnownHeadroom] = {}
 
     def worst_case(self, request: GenerationRequest, n: int, max_tokens: int, models: Sequence[str]) -> WorstCase:
         prompt = self._counter.count(request.texts())
@@ -92,6 +164,33 @@ class Admission:
         """As billing will price it (the same catalog and rounding)."""
         return self._prices.price(model, at).cost_micros(prompt_tokens, completion_tokens)
 
+    async def admit(self, caller: Caller, worst: WorstCase) -> Ticket:
+        """The request's reservation: made before this returns, or, when the
+        key's known headroom fits the worst case twice, started beside it."""
+        if self._may_overlap(caller, worst):
+            RESERVATIONS_OVERLAPPED.inc()
+            return Ticket(asyncio.ensure_future(self.reserve(caller, worst)))
+        return Ticket.made(await self.reserve(caller, worst))
+
+    def _may_overlap(self, caller: Caller, worst: WorstCase) -> bool:
+        known = self._headroom.get((caller.tenant_id, caller.key_id))
+        if known is None or time.monotonic() - known.at > HEADROOM_TTL_S or not known.fits_twice(worst):
+            return False
+        known.take(worst)  # until Redis says again
+        return True
+
+    def _remember(self, caller: Caller, outcome: Headroom | None) -> None:
+        key = (caller.tenant_id, caller.key_id)
+        if outcome is None:
+            self._headroom.pop(key, None)
+            return
+        now = time.monotonic()
+        if len(self._headroom) >= HEADROOM_KEYS and key not in self._headroom:
+            self._headroom = {k: v for k, v in self._headroom.items() if now - v.at <= HEADROOM_TTL_S}
+            if len(self._headroom) >= HEADROOM_KEYS:
+                return
+        self._headroom[key] = KnownHeadroom(outcome.money_micros, outcome.tokens, now)
+
     async def reserve(self, caller: Caller, worst: WorstCase) -> bool:
         """True when reserved; False when Redis is away and the router fails
         open (budgets then rest on auth's check against the ledger). Raises
@@ -103,7 +202,7 @@ class Admission:
         try:
             if self._redis_gate.is_down():  # failed a moment ago: do not wait for another timeout
                 raise RedisError("redis failed less than a second ago")
-            refusal = await self._reservations.reserve(
+            outcome = await self._reservations.admit(
                 caller.request_id,
                 caller.tenant_id,
                 caller.key_id,
@@ -113,6 +212,7 @@ class Admission:
                 token_buckets(caller.key_id, caller.tenant_id),
             )
         except (RedisError, OSError) as error:
+            self._remember(caller, None)
             if not self._redis_gate.is_down():
                 log.error("reservation unavailable", fail_open=self._fail_open, error=str(error))
                 self._redis_gate.failed()
@@ -121,9 +221,13 @@ class Admission:
             RESERVATIONS.labels("unreserved").inc()
             return False
         self._redis_gate.succeeded()
-        if refusal is None:
+        if not isinstance(outcome, Refusal):
+            if outcome is not None:  # None: a retry of a request reserved already
+                self._remember(caller, outcome)
             RESERVATIONS.labels("reserved").inc()
             return True
+        self._remember(caller, None)
+        refusal = outcome
         RESERVATIONS.labels("refused_budget" if refusal.reason in ("tenant", "key") else "refused_tokens").inc()
         if refusal.reason in ("tenant", "key"):
             whose = "tenant" if refusal.reason == "tenant" else "key"

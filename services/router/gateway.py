@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from mariana_common.errors import InvalidArgument
 from mariana_common.tracing import current_traceparent
-from services.router.admission import Admission
+from services.router.admission import Admission, Ticket
 from services.router.cache import CachedAnswer, Lookup, ResponseCache
 from services.router.domain import (
     Caller,
@@ -124,17 +124,18 @@ class Gateway:
             )
         )
 
-    async def _reserve(
+    async def _admit(
         self, caller: Caller, request: GenerationRequest, model: str, n: int
-    ) -> tuple[GenerationRequest, bool]:
-        """Reserves the request's worst case; the request it returns names its
-        max_tokens, so inference cannot go past what was reserved."""
+    ) -> tuple[GenerationRequest, Ticket]:
+        """Reserves the request's worst case (or starts to: see admission); the
+        request it returns names its max_tokens, so inference cannot go past
+        what was reserved."""
         if self._admission is None:
-            return request, False
+            return request, Ticket.made(False)
         max_tokens = request.sampling.max_tokens or self._default_max_tokens
         request = replace(request, sampling=replace(request.sampling, max_tokens=max_tokens))
         worst = self._admission.worst_case(request, n, max_tokens, self._router.chain(model))
-        return request, await self._admission.reserve(caller, worst)
+        return request, await self._admission.admit(caller, worst)
 
     async def _choice(
         self, caller: Caller, request: GenerationRequest, index: int, stream: bool, route: Route
@@ -198,7 +199,7 @@ class Gateway:
             route.model, route.step = model, "cache"
             yield cached_piece(lookup.answer)
             return
-        request, reserved = await self._reserve(caller, request, model, n)
+        request, ticket = await self._admit(caller, request, model, n)
         latest: dict[int, Piece] = {}
         recorded = False
         first_finish = "stop"
@@ -209,7 +210,7 @@ class Gateway:
                 recorded = True
                 prompt = max((p.prompt_tokens for p in latest.values()), default=0)
                 completion = sum(p.completion_tokens for p in latest.values())
-                self._record(caller, route.model or model, prompt, completion, finish_reason, reserved)
+                self._record(caller, route.model or model, prompt, completion, finish_reason, ticket.reserved)
 
         text: list[str] = []
         undelivered = False  # not streamed, and no pool could finish it
@@ -220,6 +221,7 @@ class Gateway:
                     if piece.restarted:
                         text.clear()
                     if not latest:
+                        await ticket.confirm()  # refused: inference is closed, nothing was sent
                         TIME_TO_FIRST_TOKEN.observe(time.perf_counter() - started)
                     latest[piece.index] = piece
                     text.append(piece.text)
@@ -229,6 +231,7 @@ class Gateway:
                         record(first_finish)
                     yield piece
         except NoPoolCanServe:
+            await ticket.confirm()  # a refusal is the answer, whatever inference did
             undelivered = not stream
             if lookup is None:
                 raise
@@ -237,13 +240,16 @@ class Gateway:
             self._cache.count_stale_hit()
             yield cached_piece(lookup.answer)
             return
+        except Exception:
+            await ticket.confirm()
+            raise
         finally:
             # The caller went away, or the stream broke, after tokens were made:
             # they are billed. An answer no pool could finish, never sent, is not.
             if not recorded and not undelivered and any(p.completion_tokens for p in latest.values()):
                 record(CANCELLED)
-            if reserved and not recorded:
-                self._usage.release(caller.request_id)
+            if not recorded:
+                ticket.release_if_reserved(lambda: self._usage.release(caller.request_id))
         last = latest.get(0)
         if key is not None and self._cache is not None and last is not None and first_finish in CACHEABLE_FINISH:
             answer = CachedAnswer("".join(text), first_finish, last.prompt_tokens, last.completion_tokens)

@@ -19,6 +19,10 @@ RESERVATIONS = Counter(
     "Admission decisions: reserved, refused_budget, refused_tokens, unreserved (Redis away).",
     ["result"],
 )
+RESERVATIONS_OVERLAPPED = Counter(
+    "mariana_router_reservations_overlapped_total",
+    "Reservations made side by side with the inference call (the key's headroom fit the worst case twice).",
+)
 SPOOL_DEPTH = Gauge("mariana_router_usage_spool_depth", "Usage records on disk waiting for Redis.")
 TIME_TO_FIRST_TOKEN = Histogram(
     "mariana_router_time_to_first_token_seconds",

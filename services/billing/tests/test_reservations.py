@@ -11,7 +11,7 @@ import redis.asyncio as redis
 
 from mariana_common.redis_client import redis_client
 from services.auth.rate_limit import RateLimiter, limits_for, token_buckets
-from services.billing.reservations import LEASES, Reservations, reservation_key
+from services.billing.reservations import LEASES, Headroom, Refusal, Reservations, reservation_key
 
 
 @pytest.fixture
@@ -119,3 +119,20 @@ async def test_worst_case_tokens_come_from_the_buckets_and_unused_ones_go_back(c
     assert await reservations.reserve("c", "t", "k", 1, 600, 60_000, buckets) is None
     too_big = await reservations.reserve("d", "t", "k", 1, 5000, 60_000, buckets)
     assert too_big is not None and too_big.reason == "too_large"
+
+
+async def test_a_reservation_tells_what_is_left_after_it(client: redis.Redis) -> None:
+    limiter, reservations = RateLimiter(client), Reservations(client)
+    assert await reservations.admit("a", "t", "k", 10, 5, 60_000, []) == Headroom(None, None)  # no limits at all
+    await reservations.set_hard_limit("t", "", 1000)
+    await reservations.set_hard_limit("t", "k", 300)
+    assert await reservations.admit("b", "t", "k", 100, 5, 60_000, []) == Headroom(190, None)  # the key's is nearer
+    assert await reservations.admit("c", "t", "other", 100, 5, 60_000, []) == Headroom(790, None)
+    assert await reservations.admit("c", "t", "other", 100, 5, 60_000, []) is None  # a retry: not known
+    limits = limits_for("k", "t", key_rpm=None, key_tpm=1000, tenant_rpm=None, tenant_tpm=None)
+    assert (await limiter.admit(limits)).allowed
+    headroom = await reservations.admit("d", "t", "k", 50, 600, 60_000, token_buckets("k", "t"))
+    assert isinstance(headroom, Headroom) and headroom.money_micros == 140
+    assert headroom.tokens is not None and 400 <= headroom.tokens <= 402  # 1000 - 600, and a few ms of refill
+    refused = await reservations.admit("e", "t", "k", 141, 1, 60_000, [])
+    assert isinstance(refused, Refusal) and refused.reason == "key"

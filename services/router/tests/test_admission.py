@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -10,10 +12,10 @@ import redis.asyncio as aioredis
 from mariana_common.errors import ResourceExhausted
 from mariana_common.redis_client import redis_client
 from services.billing.prices import load_prices
-from services.billing.reservations import Reservations
+from services.billing.reservations import Headroom, Refusal, Reservations
 from services.router.admission import TEMPLATE_TOKENS_FIXED, TEMPLATE_TOKENS_PER_MESSAGE, Admission, PromptCounter
 from services.router.catalog import Catalog
-from services.router.domain import Caller, GenerationRequest, Sampling
+from services.router.domain import Caller, GenerationRequest, Piece, Sampling
 from services.router.gateway import Gateway
 from services.router.routing import ModelRouter
 from services.router.tests.test_cache import Switchable
@@ -61,7 +63,9 @@ def test_without_a_tokenizer_bytes_bound_the_tokens() -> None:
     assert PromptCounter(None).count(["héllo"]) == 6 + TEMPLATE_TOKENS_PER_MESSAGE + TEMPLATE_TOKENS_FIXED
 
 
-def gateway(client: aioredis.Redis, sink: RecordingSink, inference: Switchable) -> Gateway:
+def gateway(
+    client: aioredis.Redis, sink: RecordingSink, inference: Switchable, reservations: Reservations | None = None
+) -> Gateway:
     catalog = Catalog.model_validate(
         {
             "pools": {"p": {"upstream": "u", "model": MODEL}},
@@ -69,7 +73,7 @@ def gateway(client: aioredis.Redis, sink: RecordingSink, inference: Switchable) 
             "retry": {"retries": 0},
         }
     )
-    admission = Admission(Reservations(client), load_prices(), PromptCounter(None), lease_s=60)
+    admission = Admission(reservations or Reservations(client), load_prices(), PromptCounter(None), lease_s=60)
     router = ModelRouter(lambda: catalog, lambda name, config: inference)
     return Gateway(router, inference, RuleModeration(), sink, 0, None, admission, default_max_tokens=100)
 
@@ -114,3 +118,111 @@ async def test_a_request_that_made_nothing_gives_its_reservation_back(client: ai
             )
         ]
     assert sink.released == ["gone"] and sink.records == []
+
+
+class HeldReservations(Reservations):
+    """Real reservations, each held until `gate` is set."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        super().__init__(client)
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def admit(self, *args: Any, **kwargs: Any) -> Refusal | Headroom | None:
+        await self.gate.wait()
+        return await super().admit(*args, **kwargs)
+
+
+class ClosableInference(Switchable):
+    """Counts the generations closed before their last piece was taken."""
+
+    def __init__(self, texts: list[str]) -> None:
+        super().__init__(texts)
+        self.unfinished = 0
+
+    async def generate(
+        self, request: GenerationRequest, request_id: str, timeout_s: float | None = None, stream: bool = True
+    ) -> AsyncGenerator[Piece, None]:
+        finished = False
+        try:
+            async for piece in super().generate(request, request_id, timeout_s, stream):
+                finished = piece.finish_reason is not None
+                yield piece
+        finally:
+            self.unfinished += not finished
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    for _ in range(200):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition never held")
+
+
+# max_tokens 1000: a worst case of 200 micro-units
+BIG = GenerationRequest(MODEL, messages=[("user", "hi")], sampling=Sampling(max_tokens=1000))
+
+
+async def test_with_headroom_to_spare_the_reservation_runs_beside_inference(client: aioredis.Redis) -> None:
+    sink, inference, reservations = RecordingSink(), ClosableInference(["a", "b"]), HeldReservations(client)
+    g = gateway(client, sink, inference, reservations)
+    await reservations.set_hard_limit("t", "", 10_000)
+    assert "".join([p.text async for p in g.generate(Caller("t", "k", "r1"), BIG)]) == "ab"  # ~9,800 left
+    one = (await reservations.scope("t"))["reserved"]
+    reservations.gate.clear()
+    pieces = g.generate(Caller("t", "k", "r2"), BIG)
+    first = asyncio.ensure_future(anext(pieces))
+    await eventually(lambda: len(inference.requests) == 2)  # inference started...
+    await asyncio.sleep(0.05)
+    assert not first.done()  # ...and nothing reaches the caller before the reservation
+    reservations.gate.set()
+    assert (await first).text + "".join([p.text async for p in pieces]) == "ab"
+    assert [r.request_id for r in sink.records] == ["r1", "r2"] and sink.records[1].settle_micros is not None
+    assert (await reservations.scope("t"))["reserved"] == 2 * one  # both reserved (the sink settles nothing)
+
+
+async def test_refused_while_inference_runs_it_is_cancelled_and_nothing_is_billed(client: aioredis.Redis) -> None:
+    sink, inference, reservations = RecordingSink(), ClosableInference(["a", "b"]), HeldReservations(client)
+    g = gateway(client, sink, inference, reservations)
+    await reservations.set_hard_limit("t", "", 10_000)
+    [p async for p in g.generate(Caller("t", "k", "r1"), BIG)]
+    await reservations.set_spent("t", "", 9_700)  # another replica spent the rest meanwhile
+    with pytest.raises(ResourceExhausted) as refused:
+        [p async for p in g.generate(Caller("t", "k", "r2"), BIG)]
+    assert refused.value.reason == "insufficient_quota"
+    assert len(inference.requests) == 2 and inference.unfinished == 1  # it started, and was closed
+    assert [r.request_id for r in sink.records] == ["r1"] and sink.released == []
+    with pytest.raises(ResourceExhausted):  # after a refusal, the reservation comes first again
+        [p async for p in g.generate(Caller("t", "k", "r3"), BIG)]
+    assert len(inference.requests) == 2
+
+
+async def test_with_little_headroom_the_reservation_comes_first(client: aioredis.Redis) -> None:
+    sink, inference, reservations = RecordingSink(), ClosableInference(["a"]), HeldReservations(client)
+    g = gateway(client, sink, inference, reservations)
+    await reservations.set_hard_limit("t", "k", 550)
+    [p async for p in g.generate(Caller("t", "k", "r1"), BIG)]  # 350 left: less than twice 200
+    reservations.gate.clear()
+    second = asyncio.ensure_future(anext(g.generate(Caller("t", "k", "r2"), BIG)))
+    await asyncio.sleep(0.05)
+    assert len(inference.requests) == 1
+    reservations.gate.set()
+    assert (await second).text == "a" and len(inference.requests) == 2
+
+
+async def test_a_caller_gone_before_its_reservation_came_back_gets_it_released(client: aioredis.Redis) -> None:
+    sink, inference, reservations = RecordingSink(), ClosableInference(["a"]), HeldReservations(client)
+    g = gateway(client, sink, inference, reservations)
+    [p async for p in g.generate(Caller("t", "k", "r1"), BIG)]  # no budget: unlimited headroom
+    reservations.gate.clear()
+    pieces = g.generate(Caller("t", "k", "r2"), BIG)
+    first = asyncio.ensure_future(anext(pieces))
+    await eventually(lambda: len(inference.requests) == 2)
+    first.cancel()  # the caller hung up
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert sink.released == [] and inference.unfinished == 1
+    reservations.gate.set()
+    await eventually(lambda: sink.released == ["r2"])
+    assert [r.request_id for r in sink.records] == ["r1"]
