@@ -33,8 +33,11 @@ def dying_with_parent(argv: list[str]) -> tuple[list[str], Callable[[], None] | 
 
 
 class ManagedProcess:
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path, niceness: int = 0
+    ) -> None:
         self.name = name
+        self.niceness = niceness
         self.argv = argv
         self.env = env
         self.log_path = log_path
@@ -55,6 +58,8 @@ class ManagedProcess:
             preexec_fn=before_exec,
         )
         log.close()
+        if self.niceness:  # before it has loaded anything: the whole process, its threads to come included
+            os.setpriority(os.PRIO_PROCESS, self.popen.pid, self.niceness)
 
     @property
     def pid(self) -> int:

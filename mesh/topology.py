@@ -122,6 +122,10 @@ class Service(Strict):
     health_check: HealthCheck = Field(default_factory=HealthCheck)
     resources: Resources = Field(default_factory=Resources)
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    # Its work is off the request path (billing's ledger batches): on one
+    # machine the launcher runs it at a lower CPU priority, so its batches
+    # wait for requests rather than requests for them.
+    background: bool = False
 
     def program_of(self, name: str) -> str:
         return self.program or name

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from launcher.settings import REPO, LauncherSettings
-from launcher.stack import Stack
+from launcher.stack import BACKGROUND_NICENESS, Stack
 from mesh.plan import free_port
 
 pytestmark = pytest.mark.e2e
@@ -51,6 +51,15 @@ def start_launcher(tmp_path: Path, model_dir: Path) -> tuple[subprocess.Popen[st
     names = " ".join(" ".join(c.cmdline()) for c in children)
     for part in ("redis-server", "services.auth", "services.router", "services.inference", "envoy"):
         assert part in names
+    # billing is `background` in the topology: it yields the CPU to the request path
+    niceness = {c.cmdline()[-1]: c.nice() for c in children if "services." in " ".join(c.cmdline())}
+    assert niceness == {
+        "services.billing": BACKGROUND_NICENESS,
+        "services.auth": 0,
+        "services.router": 0,
+        "services.inference": 0,
+        "services.moderation": 0,
+    }
     return process, children
 
 
