@@ -230,6 +230,8 @@ class Gateway:
                     if len([p for p in latest.values() if p.finish_reason]) == n:
                         record(first_finish)
                     yield piece
+            if not latest:
+                await ticket.confirm()
         except NoPoolCanServe:
             await ticket.confirm()  # a refusal is the answer, whatever inference did
             undelivered = not stream
