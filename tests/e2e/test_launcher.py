@@ -38,6 +38,16 @@ def start_launcher(tmp_path: Path, model_dir: Path) -> tuple[subprocess.Popen[st
         stderr=subprocess.STDOUT,
         text=True,
     )
+    try:
+        return process, started_children(process)
+    except BaseException:
+        process.terminate()  # a failed check must not leave a platform running
+        process.wait(timeout=60)
+        raise
+
+
+def started_children(process: subprocess.Popen[str]) -> list[psutil.Process]:
+    """Reads the launcher's output to its ready line; checks what it started."""
     assert process.stdout is not None
     output = []
     for line in process.stdout:
@@ -60,7 +70,7 @@ def start_launcher(tmp_path: Path, model_dir: Path) -> tuple[subprocess.Popen[st
         "services.inference": 0,
         "services.moderation": 0,
     }
-    return process, children
+    return children
 
 
 def assert_all_gone(children: list[psutil.Process], timeout_s: float = 20) -> None:
