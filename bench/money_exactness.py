@@ -42,6 +42,7 @@ from pydantic import SecretStr
 from bench.common import MODEL, MODEL_DIR
 from launcher.settings import REPO, LauncherSettings
 from launcher.stack import OPERATOR, Stack
+from launcher.top import scrape, total
 from mariana.auth.v1 import auth_pb2, auth_pb2_grpc
 from mariana.billing.v1 import billing_pb2, billing_pb2_grpc
 from mariana.inference.v1 import inference_pb2, inference_pb2_grpc
@@ -95,6 +96,12 @@ class Platform:
                 auth_pb2.CreateKeyRequest(tenant=tenant, rpm=1_000_000, tpm=tpm), metadata=self.admin, timeout=10
             )
         return str(reply.secret), str(reply.tenant_id)
+
+    def cancelled_by_refusal(self) -> float:
+        """Inference calls the routers started beside a reservation that was
+        then refused (and so cancelled), so far."""
+        routers = {label: url for label, (name, url) in self.stack.metrics.items() if name == "router"}
+        return total(scrape(routers), "mariana_router_reservations_overlapped_total", result="refused")
 
     def billing(self, channel: grpc.Channel) -> billing_pb2_grpc.BillingServiceStub:
         return billing_pb2_grpc.BillingServiceStub(channel)
@@ -152,11 +159,13 @@ def budget_race(platform: Platform, table: Table) -> None:
     budget = 20 * 10
     platform.set_budget(tenant, budget)
     time.sleep(0.5)
+    cancelled = platform.cancelled_by_refusal()
     ids, refused = asyncio.run(unary_burst(platform.edge, key, 200, max_tokens=32))
     entries = platform.wait_for_ledger(tenant, set(ids))
     spend = sum(e.cost_micros for e in entries)
     table.add("1 budget race", "hard budget B (micro-units)", budget)
     table.add("1 budget race", "admitted / refused", f"{len(ids)} / {sum(refused.values())} ({dict(refused)})")
+    table.add("1 budget race", CANCELLED_BY_REFUSAL, cancelled_since(platform, cancelled))
     table.add("1 budget race", "final spend (ledger)", spend)
     table.add("1 budget race", "overshoot (target 0)", max(0, spend - budget))
 
@@ -166,6 +175,7 @@ def token_limit(platform: Platform, table: Table) -> None:
     limit = 3000
     key, tenant = platform.key("tpm", tpm=limit)
     started = time.monotonic()
+    cancelled = platform.cancelled_by_refusal()
     ids, refused = asyncio.run(unary_burst(platform.edge, key, 120, max_tokens=32))
     window_s = time.monotonic() - started
     entries = platform.wait_for_ledger(tenant, set(ids))
@@ -177,6 +187,14 @@ def token_limit(platform: Platform, table: Table) -> None:
     table.add("2 token limit", "worst-case tokens admitted (~)", worst)
     table.add("2 token limit", f"L + refill during the {window_s:.1f} s burst", f"{limit + refill:.0f}")
     table.add("2 token limit", "tokens really used (ledger)", used)
+    table.add("2 token limit", CANCELLED_BY_REFUSAL, cancelled_since(platform, cancelled))
+
+
+CANCELLED_BY_REFUSAL = "inference calls started beside a reservation, then cancelled by its refusal"
+
+
+def cancelled_since(platform: Platform, before: float) -> int:
+    return int(platform.cancelled_by_refusal() - before)
 
 
 async def streams_with_kill(platform: Platform, key: str, kill: Stack) -> dict[str, object]:

@@ -74,6 +74,11 @@ class WorstCase:
 # many keys are remembered before the stale ones are dropped.
 HEADROOM_TTL_S = 5.0
 HEADROOM_KEYS = 10_000
+# At most this many of a key's reservations under way beside inference at once
+# (per router): a burst past the key's limits, while other replicas spend the
+# same headroom, starts at most this many inference calls that are then
+# cancelled. Steady traffic has a fraction of one under way (a Redis round trip).
+OVERLAPPED_PER_KEY = 4
 
 
 @dataclass
@@ -150,6 +155,7 @@ class Admission:
         self._lease_s = lease_s
         self._clock = clock
         self._headroom: dict[tuple[str, str], KnownHeadroom] = {}
+        self._overlapping: dict[tuple[str, str], int] = {}
 
     def worst_case(self, request: GenerationRequest, n: int, max_tokens: int, models: Sequence[str]) -> WorstCase:
         prompt = self._counter.count(request.texts())
@@ -167,14 +173,32 @@ class Admission:
     async def admit(self, caller: Caller, worst: WorstCase) -> Ticket:
         """The request's reservation: made before this returns, or, when the
         key's known headroom fits the worst case twice, started beside it."""
-        if self._may_overlap(caller, worst):
-            RESERVATIONS_OVERLAPPED.inc()
-            return Ticket(asyncio.ensure_future(self.reserve(caller, worst)))
-        return Ticket.made(await self.reserve(caller, worst))
+        if not self._may_overlap(caller, worst):
+            return Ticket.made(await self.reserve(caller, worst))
+        key = (caller.tenant_id, caller.key_id)
+        self._overlapping[key] = self._overlapping.get(key, 0) + 1
+        outcome = asyncio.ensure_future(self.reserve(caller, worst))
+
+        def done(outcome: asyncio.Future[bool]) -> None:
+            left = self._overlapping.pop(key) - 1
+            if left:
+                self._overlapping[key] = left
+            error = None if outcome.cancelled() else outcome.exception()
+            if outcome.cancelled() or error is not None:
+                result = "refused" if isinstance(error, ResourceExhausted) else "failed"
+            else:
+                result = "reserved" if outcome.result() else "unreserved"
+            RESERVATIONS_OVERLAPPED.labels(result).inc()
+
+        outcome.add_done_callback(done)
+        return Ticket(outcome)
 
     def _may_overlap(self, caller: Caller, worst: WorstCase) -> bool:
-        known = self._headroom.get((caller.tenant_id, caller.key_id))
+        key = (caller.tenant_id, caller.key_id)
+        known = self._headroom.get(key)
         if known is None or time.monotonic() - known.at > HEADROOM_TTL_S or not known.fits_twice(worst):
+            return False
+        if self._overlapping.get(key, 0) >= OVERLAPPED_PER_KEY:
             return False
         known.take(worst)  # until Redis says again
         return True

@@ -21,7 +21,9 @@ RESERVATIONS = Counter(
 )
 RESERVATIONS_OVERLAPPED = Counter(
     "mariana_router_reservations_overlapped_total",
-    "Reservations made side by side with the inference call (the key's headroom fit the worst case twice).",
+    "Reservations made side by side with the inference call, by outcome: reserved, refused (an inference call "
+    "started and cancelled), unreserved (Redis away, failing open), failed.",
+    ["result"],
 )
 SPOOL_DEPTH = Gauge("mariana_router_usage_spool_depth", "Usage records on disk waiting for Redis.")
 TIME_TO_FIRST_TOKEN = Histogram(

@@ -13,7 +13,13 @@ from mariana_common.errors import ResourceExhausted
 from mariana_common.redis_client import redis_client
 from services.billing.prices import load_prices
 from services.billing.reservations import Headroom, Refusal, Reservations
-from services.router.admission import TEMPLATE_TOKENS_FIXED, TEMPLATE_TOKENS_PER_MESSAGE, Admission, PromptCounter
+from services.router.admission import (
+    OVERLAPPED_PER_KEY,
+    TEMPLATE_TOKENS_FIXED,
+    TEMPLATE_TOKENS_PER_MESSAGE,
+    Admission,
+    PromptCounter,
+)
 from services.router.catalog import Catalog
 from services.router.domain import Caller, GenerationRequest, Piece, Sampling
 from services.router.gateway import Gateway
@@ -226,3 +232,17 @@ async def test_a_caller_gone_before_its_reservation_came_back_gets_it_released(c
     reservations.gate.set()
     await eventually(lambda: sink.released == ["r2"])
     assert [r.request_id for r in sink.records] == ["r1"]
+
+
+async def test_a_burst_starts_only_a_few_inference_calls_before_its_reservations(client: aioredis.Redis) -> None:
+    sink, inference, reservations = RecordingSink(), ClosableInference(["a"]), HeldReservations(client)
+    g = gateway(client, sink, inference, reservations)
+    [p async for p in g.generate(Caller("t", "k", "r0"), BIG)]  # no budget: the headroom is unlimited
+    reservations.gate.clear()
+    burst = [asyncio.ensure_future(anext(g.generate(Caller("t", "k", f"r{i}"), BIG))) for i in range(1, 11)]
+    await eventually(lambda: len(inference.requests) == 1 + OVERLAPPED_PER_KEY)
+    await asyncio.sleep(0.05)
+    assert len(inference.requests) == 1 + OVERLAPPED_PER_KEY  # the other six wait for their reservations
+    reservations.gate.set()
+    assert [(await first).text for first in burst] == ["a"] * 10
+    assert len(inference.requests) == 11
