@@ -315,10 +315,15 @@ def ext_authz_cluster(plan: Plan) -> Cluster:
         replace(check, grpc_health_check=None, http_health_check=HealthCheckHttpHealthCheck(path=HEALTH_PATH))
         for check in base.health_checks
     ]
+    assert base.circuit_breakers is not None
+    limits = [
+        replace(t, max_connections=plan.topology.edge.ext_authz_connections) for t in base.circuit_breakers.thresholds
+    ]
     return replace(
         base,
         typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(http1)},
         health_checks=health,
+        circuit_breakers=replace(base.circuit_breakers, thresholds=limits),
     )
 
 

@@ -151,6 +151,12 @@ class Edge(Strict):
     ext_authz_api: Literal["grpc", "http"] = "http"
     ext_authz_port: int = Field(7106, ge=0, le=65535)
     ext_authz_timeout: Duration = timedelta(milliseconds=500)
+    # Connections each Envoy keeps to auth's HTTP check (one check at a time on
+    # each, HTTP/1.1): more concurrent checks wait in Envoy for a free one (a
+    # check takes about a millisecond) instead of opening a connection each. A
+    # burst of hundreds of new mTLS handshakes at once kept auth busy past the
+    # per-try timeout, and the retries and an outlier ejection made it 503s.
+    ext_authz_connections: int = Field(32, gt=0)
     # Check only reads keys and takes a request from the caller's buckets: a
     # repeat after a crashed auth replica costs at most one extra request.
     ext_authz_retry: RetryPolicy = Field(

@@ -242,3 +242,11 @@ def test_edge_asks_auth_over_http_or_grpc(api: str, tmp_path: Path, pki: dict[st
     (added,) = http["authorizationRequest"]["headersToAdd"]
     assert added == {"key": "x-mariana-caller-content-type", "value": "%REQ(content-type)%"}
     assert cluster["outlierDetection"] == clusters["auth"]["outlierDetection"]
+    # checks past the cap wait for a free connection rather than each opening one (a burst of mTLS handshakes)
+    (limits,) = cluster["circuitBreakers"]["thresholds"]
+    assert (
+        limits["maxConnections"]
+        == topology.edge.ext_authz_connections
+        < topology.services["auth"].circuit_breaker.max_connections
+    )
+    assert limits["maxPendingRequests"] == topology.services["auth"].circuit_breaker.max_pending_requests
