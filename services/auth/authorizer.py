@@ -111,6 +111,8 @@ class Authorizer:
         # credential -> (identity, expiry). The TTL bounds how long a key
         # revoked on another replica lives on here.
         self._cache: dict[str, tuple[Identity, float]] = {}
+        # credential -> its lookup under way: a burst with one new key looks it up once
+        self._looking_up: dict[str, asyncio.Future[Identity]] = {}
         self.limiter_failures = 0
         self._redis_gate = OutageGate(hold_s=1.0, clock=monotonic)
 
@@ -159,8 +161,16 @@ class Authorizer:
             identity = cached[0]
             if identity.expires_at is None or self._wall_clock() < identity.expires_at:
                 return identity
+        pending = self._looking_up.get(token)
+        if pending is not None:
+            return await asyncio.shield(pending)
         identify = self._identify_jwt if looks_like_jwt(token) else self._identify_key
-        identity = await asyncio.to_thread(identify, token)
+        lookup = self._looking_up[token] = asyncio.ensure_future(asyncio.to_thread(identify, token))
+        try:
+            identity = await asyncio.shield(lookup)  # a caller gone does not cancel the others' lookup
+        finally:
+            if self._looking_up.get(token) is lookup:
+                del self._looking_up[token]
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[token] = (identity, now + self._cache_ttl_s)

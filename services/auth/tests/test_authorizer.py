@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 from mariana_common.errors import PermissionDenied, Unauthenticated
 from mariana_common.sql import Database
 from services.auth.authorizer import INVALID_KEY, Authorizer, endpoint_of
-from services.auth.store import KeyStore, Scopes
+from services.auth.store import KeyRecord, KeyStore, Scopes
 
 MASTER = "sk-master-for-tests-0123456789"
 
@@ -136,3 +137,25 @@ async def test_tenant_over_its_hard_budget_is_refused(store: KeyStore) -> None:
         await authorizer.authorize(f"Bearer {store.create_key(broke.id).secret}", "/v1/models")
     await authorizer.authorize(f"Bearer {store.create_key(fine.id).secret}", "/v1/models")
     await authorizer.authorize(f"Bearer {MASTER}", "/v1/models")  # admins are not budgeted
+
+
+class CountingStore(KeyStore):
+    lookups = 0
+
+    def lookup(self, key_id: str) -> KeyRecord | None:
+        self.lookups += 1
+        time.sleep(0.01)  # a lookup that takes a while: the burst arrives meanwhile
+        return super().lookup(key_id)
+
+
+async def test_a_burst_with_one_new_key_looks_it_up_once(tmp_path: Path) -> None:
+    store = CountingStore(Database(f"sqlite:///{tmp_path / 'keys.db'}"), b"p" * 32)
+    authorizer = Authorizer(store, None, cache_ttl_s=60)
+    issued = store.create_key(store.create_tenant("acme").id)
+    verdicts = await asyncio.gather(*(authorizer.authorize(f"Bearer {issued.secret}", "/v1/models") for _ in range(50)))
+    assert {v.identity.key_id for v in verdicts} == {issued.record.id} and store.lookups == 1
+    wrong = f"mk_{issued.record.id}_not-the-secret"
+    refused = await asyncio.gather(
+        *(authorizer.authorize(f"Bearer {wrong}", "/v1/models") for _ in range(20)), return_exceptions=True
+    )
+    assert all(isinstance(r, Unauthenticated) for r in refused) and store.lookups == 2
