@@ -163,6 +163,11 @@ def wait_for_billing(backlog: BillingBacklog, timeout_s: float = 120.0) -> None:
         time.sleep(0.2)
 
 
+def platform_cpu_ms(r: Result, names: list[str]) -> float:
+    """The CPU the platform's processes used per request of a phase (ms)."""
+    return sum(r.cpu_s.get(n, 0.0) for n in names) * 1e3 / max(1.0, r.rps * r.seconds)
+
+
 def print_tables(results: list[Result], names: list[str]) -> None:
     print("\n| path | rate | req/s | p50 ms | p90 ms | p99 ms | errors | billing backlog at the end |")
     print("|---|---|---|---|---|---|---|---|")
@@ -171,7 +176,7 @@ def print_tables(results: list[Result], names: list[str]) -> None:
         print(f"{row} {r.backlog} |")
     # Each path against the direct run of its own round (phases run in order).
     direct: dict[str, Result] = {}
-    added_p99: dict[tuple[str, str], list[float]] = {}
+    added_p99: dict[tuple[str, str], list[tuple[float, float]]] = {}
     print("\nAdded latency (path minus direct gRPC at the same rate, ms):")
     print("| path | rate | p50 | p90 | p99 |")
     print("|---|---|---|---|---|")
@@ -181,11 +186,13 @@ def print_tables(results: list[Result], names: list[str]) -> None:
         base = direct.get(r.rate)
         if r.path != "direct gRPC" and base is not None and r.rate != "max":
             print(f"| {r.path} | {r.rate} | {r.p50 - base.p50:.2f} | {r.p90 - base.p90:.2f} | {r.p99 - base.p99:.2f} |")
-            added_p99.setdefault((r.path, r.rate), []).append(r.p99 - base.p99)
+            added_p99.setdefault((r.path, r.rate), []).append((r.p99 - base.p99, platform_cpu_ms(r, names)))
     if any(len(runs) > 1 for runs in added_p99.values()):
-        print("\nAdded p99 of every round, sorted (ms):")
+        # The machine's speed drifts: the platform's CPU per request in the
+        # same round says how fast it was running then.
+        print("\nAdded p99 of every round, sorted (ms; in parentheses the platform's CPU ms per request that round):")
         for (path, rate), runs in added_p99.items():
-            print(f"  {path} {rate}: " + ", ".join(f"{x:.2f}" for x in sorted(runs)))
+            print(f"  {path} {rate}: " + ", ".join(f"{x:.2f} ({cpu:.2f})" for x, cpu in sorted(runs)))
     print("\nCPU per request (ms), by process (total: the platform's, without the load generator):")
     print("| path | rate | " + " | ".join(names) + " | total | load generator |")
     print("|---|---|" + "---|" * (len(names) + 2))
@@ -193,7 +200,8 @@ def print_tables(results: list[Result], names: list[str]) -> None:
         done = max(1.0, r.rps * r.seconds)
         per = [r.cpu_s.get(n, 0.0) * 1e3 / done for n in names]
         load = r.cpu_s.get("load generator", 0.0) * 1e3 / done
-        print(f"| {r.path} | {r.rate} | " + " | ".join(f"{x:.3f}" for x in per) + f" | {sum(per):.3f} | {load:.3f} |")
+        row = " | ".join(f"{x:.3f}" for x in per)
+        print(f"| {r.path} | {r.rate} | {row} | {platform_cpu_ms(r, names):.3f} | {load:.3f} |")
 
 
 PATHS = ("direct", "edge-grpc", "edge-http", "edge-http-stream")
