@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from mariana_common.errors import InvalidArgument, NotFound, ResourceExhausted, 
 from services.inference.engine import Engine, GenerationInput, Sampling
 from services.inference.loader import LoadedModel, load_model
 from services.inference.scheduler import Event, Limits
+from tests.waiting import until
 
 MODEL = "smollm2-135m-instruct"
 
@@ -40,14 +40,6 @@ async def collect(stream: AsyncIterator[Event]) -> tuple[str, Event]:
 
 def chat(text: str, **sampling: object) -> GenerationInput:
     return GenerationInput(MODEL, messages=[("user", text)], sampling=Sampling(**sampling))  # type: ignore[arg-type]
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    """Waits for the scheduler thread to reach a state (it runs beside the loop)."""
-    deadline = time.monotonic() + 10
-    while not condition():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.005)
 
 
 async def wait_until_idle(engine: Engine) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import pytest
@@ -26,6 +26,7 @@ from services.router.gateway import Gateway
 from services.router.routing import ModelRouter
 from services.router.tests.test_cache import Switchable
 from services.router.tests.test_gateway import RecordingSink, RuleModeration
+from tests.waiting import until
 
 MODEL = "smollm2-135m-instruct"
 
@@ -158,14 +159,6 @@ class ClosableInference(Switchable):
             self.unfinished += not finished
 
 
-async def eventually(condition: Callable[[], bool]) -> None:
-    for _ in range(200):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the condition never held")
-
-
 # max_tokens 1000: a worst case of 200 micro-units
 BIG = GenerationRequest(MODEL, messages=[("user", "hi")], sampling=Sampling(max_tokens=1000))
 
@@ -179,7 +172,7 @@ async def test_with_headroom_to_spare_the_reservation_runs_beside_inference(clie
     reservations.gate.clear()
     pieces = g.generate(Caller("t", "k", "r2"), BIG)
     first = asyncio.ensure_future(anext(pieces))
-    await eventually(lambda: len(inference.requests) == 2)  # inference started...
+    await until(lambda: len(inference.requests) == 2, "inference started")
     await asyncio.sleep(0.05)
     assert not first.done()  # ...and nothing reaches the caller before the reservation
     reservations.gate.set()
@@ -224,13 +217,13 @@ async def test_a_caller_gone_before_its_reservation_came_back_gets_it_released(c
     reservations.gate.clear()
     pieces = g.generate(Caller("t", "k", "r2"), BIG)
     first = asyncio.ensure_future(anext(pieces))
-    await eventually(lambda: len(inference.requests) == 2)
+    await until(lambda: len(inference.requests) == 2, "inference started")
     first.cancel()  # the caller hung up
     with pytest.raises(asyncio.CancelledError):
         await first
     assert sink.released == [] and inference.unfinished == 1
     reservations.gate.set()
-    await eventually(lambda: sink.released == ["r2"])
+    await until(lambda: sink.released == ["r2"], "released")
     assert [r.request_id for r in sink.records] == ["r1"]
 
 
@@ -240,7 +233,7 @@ async def test_a_burst_starts_only_a_few_inference_calls_before_its_reservations
     [p async for p in g.generate(Caller("t", "k", "r0"), BIG)]  # no budget: the headroom is unlimited
     reservations.gate.clear()
     burst = [asyncio.ensure_future(anext(g.generate(Caller("t", "k", f"r{i}"), BIG))) for i in range(1, 11)]
-    await eventually(lambda: len(inference.requests) == 1 + OVERLAPPED_PER_KEY)
+    await until(lambda: len(inference.requests) == 1 + OVERLAPPED_PER_KEY, "the overlapped calls")
     await asyncio.sleep(0.05)
     assert len(inference.requests) == 1 + OVERLAPPED_PER_KEY  # the other six wait for their reservations
     reservations.gate.set()
