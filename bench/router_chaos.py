@@ -126,7 +126,7 @@ class Load:
             else:
                 unary = self.stub.CreateChatCompletion(chat, timeout=10, metadata=metadata)
                 await unary
-                route = dict(await unary.initial_metadata()).get("x-mariana-route", "")
+                route = dict(await unary.trailing_metadata()).get("x-mariana-route", "")
         except grpc.aio.AioRpcError as error:
             status = error.code().name
         self.outcomes.append(Outcome(phase, streaming, str(route), status, time.perf_counter() - started))

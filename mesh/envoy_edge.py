@@ -86,6 +86,7 @@ from mesh.plan import AUTH, Plan
 from mesh.topology import EDGE
 from services.auth.ext_authz import IDENTITY_HEADERS
 from services.auth.http_check import CALLER_CONTENT_TYPE, CHECK_PATH_PREFIX, FORWARDED_HEADERS, HEALTH_PATH
+from services.router.domain import ROUTE_HEADERS
 
 LLM_SERVICE = "mariana.llm.v1.LlmService"
 AUTH_ADMIN_SERVICE = "mariana.auth.v1.AuthAdminService"
@@ -148,10 +149,36 @@ end
 
 local RATE_LIMITED = [[{RATE_LIMITED}]]
 
+local ROUTE_HEADERS = {{{", ".join(f'"{h}"' for h in ROUTE_HEADERS)}}}
+
+-- A whole answer's route comes in the router's trailing metadata, which
+-- HTTP/1.1 drops: copied into the headers (the transcoder holds a unary
+-- answer whole anyway, so waiting for its trailers holds nothing up).
+local function route_headers_from_trailers(handle)
+  -- the body first: while it is buffered the headers are held, and so may change
+  if handle:body() == nil then
+    return
+  end
+  local trailers = handle:trailers()
+  if trailers == nil then
+    return
+  end
+  local headers = handle:headers()
+  for _, name in ipairs(ROUTE_HEADERS) do
+    local value = trailers:get(name)
+    if value ~= nil then
+      headers:replace(name, value)
+    end
+  end
+end
+
 function envoy_on_response(handle)
   local headers = handle:headers()
   local status = headers:get(":status") or "200"
   if tonumber(status) < 400 then
+    if headers:get("{ROUTE_HEADERS[1]}") == nil and headers:get("content-type") == "application/json" then
+      route_headers_from_trailers(handle)
+    end
     return
   end
   if status == "429" and string.find(headers:get("content-type") or "", "text/plain", 1, true) then

@@ -8,6 +8,12 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 
+# Where an answer came from (the public model, the chain's step, the pool), as
+# response headers: a stream's initial metadata, a whole answer's trailing
+# metadata, which the edge copies into the HTTP response's headers.
+ROUTE_HEADERS = ("x-mariana-model", "x-mariana-route", "x-mariana-pool")
+
+
 @dataclass(frozen=True)
 class Caller:
     tenant_id: str

@@ -18,7 +18,7 @@ from mariana.llm.v1 import llm_pb2_grpc as pb_grpc
 from mariana_common.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from mariana_common.server import Context, Registrar
 from mariana_common.tracing import annotate
-from services.router.domain import Caller, GenerationRequest, Piece, Sampling
+from services.router.domain import ROUTE_HEADERS, Caller, GenerationRequest, Piece, Sampling
 from services.router.gateway import Gateway
 from services.router.openai_convert import embedding_value, message_text, string_list
 from services.router.routing import Route, StreamBroken
@@ -58,12 +58,9 @@ def annotate_span(caller: Caller, route: Route, usage: Usage | None) -> None:
 
 
 def route_headers(route: Route) -> tuple[tuple[str, str], ...]:
-    """Where the answer came from, as response headers (Envoy passes them on)."""
-    return (
-        ("x-mariana-model", route.model),
-        ("x-mariana-route", route.step),
-        ("x-mariana-pool", route.pool or "-"),
-    )
+    """Where the answer came from: a stream's initial metadata, a whole
+    answer's trailing metadata (the edge makes both HTTP response headers)."""
+    return tuple(zip(ROUTE_HEADERS, (route.model, route.step, route.pool or "-"), strict=True))
 
 
 def may_use(caller: Caller, model: str) -> None:
@@ -188,7 +185,10 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
                 if piece.restarted:
                     pieces[piece.index].clear()
                 pieces[piece.index].append(piece)
-        await context.send_initial_metadata(route_headers(route))
+        # With the status, not as headers of their own: sending initial metadata
+        # is a write (and a completion to wait for) of its own, ~0.1 ms of the
+        # router's CPU per request; the edge copies them into HTTP headers.
+        context.set_trailing_metadata(route_headers(route))
         annotate_span(caller, route, total_usage(pieces))
         return pieces
 
