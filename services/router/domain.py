@@ -7,7 +7,6 @@ from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-
 # Where an answer came from (the public model, the chain's step, the pool), as
 # response headers: a stream's initial metadata, a whole answer's trailing
 # metadata, which the edge copies into the HTTP response's headers.

@@ -52,6 +52,34 @@ def test_grpc_stub_gets_the_same_answer_as_rest(
     assert streamed[-1].choices[0].finish_reason in ("stop", "length")
 
 
+def test_where_the_answer_came_from_is_in_the_metadata(platform: Platform, tenant_key: TenantKey) -> None:
+    """A whole answer's route is trailing metadata (sent with the status, no
+    write of its own), a stream's is initial metadata (before the first chunk);
+    over HTTP both are response headers."""
+    request = question()
+    request.temperature = 0.5  # never cached: the route is the pool's
+    with grpc.insecure_channel(platform.edge) as channel:
+        stub = llm_pb2_grpc.LlmServiceStub(channel)
+        _, unary = stub.CreateChatCompletion.with_call(request, metadata=auth(tenant_key.secret), timeout=60)
+        stream = stub.StreamChatCompletion(request, metadata=auth(tenant_key.secret), timeout=60)
+        list(stream)
+        trailing, initial = dict(unary.trailing_metadata()), dict(stream.initial_metadata())
+    for route in (trailing, initial):
+        assert route["x-mariana-model"] == MODEL
+        assert route["x-mariana-route"] == "primary" and route["x-mariana-pool"] == "local"
+    body = {"model": MODEL, "max_tokens": 4, "stream": True, "messages": [{"role": "user", "content": "Hi"}]}
+    with httpx.stream(
+        "POST",
+        f"http://{platform.edge}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {tenant_key.secret}"},
+        timeout=60,
+    ) as reply:
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        assert reply.headers["x-mariana-route"] == "primary" and reply.headers["x-mariana-model"] == MODEL
+
+
 def test_grpc_bad_key_is_unauthenticated(platform: Platform) -> None:
     with grpc.insecure_channel(platform.edge) as channel:
         stub = llm_pb2_grpc.LlmServiceStub(channel)
