@@ -40,7 +40,9 @@ async def main() -> None:
         moderation = InProcessModeration(EngineSettings().moderator())
     client = redis_client(stream.redis_url)
     reservations = Reservations(client)
-    usage = RedisUsagePublisher(client, stream.usage_stream, reservations, Spool(settings.spool_file))
+    usage = RedisUsagePublisher(
+        client, stream.usage_stream, reservations, Spool(settings.spool_file), linger_s=settings.usage_linger_s
+    )
     usage.start()
 
     def remote(config: PoolConfig) -> Inference:

@@ -43,6 +43,13 @@ class RouterSettings(ServiceSettings):
         "open", description="When Redis is down: admit without a reservation (open) or refuse with 503 (closed)."
     )
     spool_file: Path = Field(Path(".data/router/usage-spool.jsonl"), description="Usage kept here while Redis is away.")
+    usage_linger_s: float = Field(
+        0.005,
+        ge=0,
+        le=1,
+        description="A usage batch waits this long after its first record for more: fewer round trips to Redis "
+        "per request, later settles.",
+    )
     inference_timeout_s: float = Field(120.0, gt=0, description="Deadline of one generation call.")
     moderation_timeout_s: float = Field(2.0, gt=0, description="Deadline of one moderation call.")
     output_window_chars: int = Field(
