@@ -44,11 +44,11 @@ class RouterSettings(ServiceSettings):
     )
     spool_file: Path = Field(Path(".data/router/usage-spool.jsonl"), description="Usage kept here while Redis is away.")
     usage_linger_s: float = Field(
-        0.005,
+        0.025,
         ge=0,
         le=1,
-        description="A usage batch waits this long after its first record for more: fewer round trips to Redis "
-        "per request, later settles.",
+        description="A usage batch waits this long after its first record for more: at 300 req/s, 25 ms makes "
+        "batches of ~7 (one round trip, one wake-up of Redis for all); settles and the ledger come that much later.",
     )
     inference_timeout_s: float = Field(120.0, gt=0, description="Deadline of one generation call.")
     moderation_timeout_s: float = Field(2.0, gt=0, description="Deadline of one moderation call.")

@@ -47,7 +47,7 @@ class RedisUsagePublisher:
         reservations: Reservations,
         spool: Spool,
         retry_s: float = 1.0,
-        linger_s: float = 0.005,
+        linger_s: float = 0.025,
     ) -> None:
         self._redis = client
         self._stream = stream
