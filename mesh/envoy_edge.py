@@ -94,6 +94,9 @@ BILLING_SERVICE = "mariana.billing.v1.BillingService"
 ADMIN_GRPC_PREFIXES = {"auth": "/mariana.auth.v1.AuthAdminService/", "billing": "/mariana.billing.v1.BillingService/"}
 CHAT_PATH = "/v1/chat/completions"
 CHAT_STREAM_PATH = CHAT_PATH + ":stream"
+# What the edge's Lua buffers of an answer at most: half the stream's buffer
+# (Envoy's default, 1 MiB), which a filter may not pass.
+MAX_LUA_BUFFERED = 512 * 1024
 TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
 
 # Envoy's per-tenant rate limit answers in plain text; the edge's Lua (which
@@ -153,8 +156,13 @@ local ROUTE_HEADERS = {{{", ".join(f'"{h}"' for h in ROUTE_HEADERS)}}}
 
 -- A whole answer's route comes in the router's trailing metadata, which
 -- HTTP/1.1 drops: copied into the headers (the transcoder holds a unary
--- answer whole anyway, so waiting for its trailers holds nothing up).
-local function route_headers_from_trailers(handle)
+-- answer whole anyway, so waiting for its trailers holds nothing up). Not for
+-- an answer larger than this filter may buffer (a 500): it goes without them.
+local function route_headers_from_trailers(handle, headers)
+  local length = tonumber(headers:get("content-length") or "")
+  if length == nil or length > {MAX_LUA_BUFFERED} then
+    return
+  end
   -- the body first: while it is buffered the headers are held, and so may change
   if handle:body() == nil then
     return
@@ -177,7 +185,7 @@ function envoy_on_response(handle)
   local status = headers:get(":status") or "200"
   if tonumber(status) < 400 then
     if headers:get("{ROUTE_HEADERS[1]}") == nil and headers:get("content-type") == "application/json" then
-      route_headers_from_trailers(handle)
+      route_headers_from_trailers(handle, headers)
     end
     return
   end
@@ -218,11 +226,20 @@ end
 """
 
 
+# What the transcoder holds of one request or answer; past it, a clear error.
+# Unset, it is the stream's buffer (1 MiB), and 2,048 embeddings as JSON floats
+# (~17 MB) or a few hundred were a 500.
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+
+
 def _transcoder(plan: Plan, *, sse: bool) -> GrpcJsonTranscoder:
     return GrpcJsonTranscoder(
         proto_descriptor=plan.descriptor_mount or str(plan.descriptor_set.resolve()),
         services=[LLM_SERVICE, AUTH_ADMIN_SERVICE, BILLING_SERVICE],
         convert_grpc_status=True,
+        max_request_body_size=MAX_REQUEST_BYTES,
+        max_response_body_size=MAX_RESPONSE_BYTES,
         print_options=GrpcJsonTranscoderPrintOptions(
             preserve_proto_field_names=True,
             always_print_primitive_fields=True,

@@ -69,6 +69,7 @@ def may_use(caller: Caller, model: str) -> None:
 
 
 MAX_CHOICES = 8
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit
 
 
 def sampling_of(
@@ -298,6 +299,8 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
         texts = string_list(request.input, "input")
         if not texts:
             raise InvalidArgument("input must be a non-empty string or list of strings")
+        if len(texts) > MAX_EMBEDDING_INPUTS:
+            raise InvalidArgument(f"input may hold at most {MAX_EMBEDDING_INPUTS} texts, not {len(texts)}")
         vectors, tokens = await self._gateway.embed(caller, request.model, texts)
         if request.HasField("dimensions") and vectors and request.dimensions != len(vectors[0]):
             raise InvalidArgument(f"dimensions must be {len(vectors[0])} for {request.model}")
@@ -326,6 +329,8 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
         texts = string_list(request.input, "input")
         if not texts:
             raise InvalidArgument("input must be a non-empty string or list of strings")
+        if len(texts) > MAX_EMBEDDING_INPUTS:
+            raise InvalidArgument(f"input may hold at most {MAX_EMBEDDING_INPUTS} texts, not {len(texts)}")
         verdicts = await self._gateway.moderate(caller, texts)
         return pb.CreateModerationResponse(
             id=f"modr-{caller.request_id}",
