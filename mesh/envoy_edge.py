@@ -158,8 +158,7 @@ local ROUTE_HEADERS = {{{", ".join(f'"{h}"' for h in ROUTE_HEADERS)}}}
 -- HTTP/1.1 drops: copied into the headers (the transcoder holds a unary
 -- answer whole anyway, so waiting for its trailers holds nothing up). Not for
 -- an answer larger than this filter may buffer (a 500): it goes without them.
-local function route_headers_from_trailers(handle, headers)
-  local length = tonumber(headers:get("content-length") or "")
+local function route_headers_from_trailers(handle, length)
   if length == nil or length > {MAX_LUA_BUFFERED} then
     return
   end
@@ -185,7 +184,7 @@ function envoy_on_response(handle)
   local status = headers:get(":status") or "200"
   if tonumber(status) < 400 then
     if headers:get("{ROUTE_HEADERS[1]}") == nil and headers:get("content-type") == "application/json" then
-      route_headers_from_trailers(handle, headers)
+      route_headers_from_trailers(handle, tonumber(headers:get("content-length") or ""))
     end
     return
   end

@@ -329,8 +329,6 @@ class LlmServicer(pb_grpc.LlmServiceServicer):
         texts = string_list(request.input, "input")
         if not texts:
             raise InvalidArgument("input must be a non-empty string or list of strings")
-        if len(texts) > MAX_EMBEDDING_INPUTS:
-            raise InvalidArgument(f"input may hold at most {MAX_EMBEDDING_INPUTS} texts, not {len(texts)}")
         verdicts = await self._gateway.moderate(caller, texts)
         return pb.CreateModerationResponse(
             id=f"modr-{caller.request_id}",
