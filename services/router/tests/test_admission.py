@@ -128,15 +128,20 @@ async def test_a_request_that_made_nothing_gives_its_reservation_back(client: ai
 
 
 class HeldReservations(Reservations):
-    """Real reservations, each held until `gate` is set."""
+    """Real reservations, each held until `gate` is set; `held` counts those waiting."""
 
     def __init__(self, client: aioredis.Redis) -> None:
         super().__init__(client)
         self.gate = asyncio.Event()
         self.gate.set()
+        self.held = 0
 
     async def admit(self, *args: Any, **kwargs: Any) -> Refusal | Headroom | None:
-        await self.gate.wait()
+        self.held += 1
+        try:
+            await self.gate.wait()
+        finally:
+            self.held -= 1
         return await super().admit(*args, **kwargs)
 
 
@@ -173,7 +178,7 @@ async def test_with_headroom_to_spare_the_reservation_runs_beside_inference(clie
     pieces = g.generate(Caller("t", "k", "r2"), BIG)
     first = asyncio.ensure_future(anext(pieces))
     await until(lambda: len(inference.requests) == 2, "inference started")
-    await asyncio.sleep(0.05)
+    await until(lambda: reservations.held == 1, "the reservation under way")
     assert not first.done()  # ...and nothing reaches the caller before the reservation
     reservations.gate.set()
     assert (await first).text + "".join([p.text async for p in pieces]) == "ab"
@@ -204,7 +209,7 @@ async def test_with_little_headroom_the_reservation_comes_first(client: aioredis
     [p async for p in g.generate(Caller("t", "k", "r1"), BIG)]  # 350 left: less than twice 200
     reservations.gate.clear()
     second = asyncio.ensure_future(anext(g.generate(Caller("t", "k", "r2"), BIG)))
-    await asyncio.sleep(0.05)
+    await until(lambda: reservations.held == 1, "the reservation under way")
     assert len(inference.requests) == 1
     reservations.gate.set()
     assert (await second).text == "a" and len(inference.requests) == 2
