@@ -5,14 +5,18 @@ the echo backend driven directly the same way, so the added latency is a
 difference within one run.
 
 Paths measured (all loopback):
-  direct gRPC  the load generator -> inference (mTLS), Generate
+  direct gRPC  the load generator -> inference (mTLS): Complete, the unary call the router makes for a
+               whole answer; `direct gRPC stream`: Generate, the stream it makes for a streamed one
   edge gRPC    -> Envoy (h2c) -> ext_authz auth -> router (input and output moderated in process; with
                `--moderation service` by the moderation service via Envoy) -> inference (mTLS via Envoy);
                budget reservation and usage in Redis, the ledger in billing
   edge HTTP    wrk, HTTP/1.1 JSON through Envoy's transcoder, same path; unary and `"stream": true`
 
 For each it prints achieved req/s, p50/p90/p99, errors, and the CPU each
-process used (per request, and as a share of one core).
+process used (per request, and as a share of one core). The added latency of a
+path is its figure minus the direct call's of the same kind (whole or
+streamed) in the same round. Both load generators time a request from when it
+went out; the gRPC one also says how late against its schedule calls went out.
 
     make bench-tools   # wrk (Debian) and py-spy, once
     .venv/bin/python -m bench.gateway_overhead [--seconds 8] [--rates 100,300,1000]
@@ -59,6 +63,7 @@ class Result:
     p50: float
     p90: float
     p99: float
+    late_p99: float | None
     cpu_s: dict[str, float]
     seconds: float
     # Usage events billing had not applied when the phase ended (it works off
@@ -144,11 +149,15 @@ def measure(meter: CpuMeter, backlog: BillingBacklog, path: str, rate: float, lo
     cpu = CpuMeter.diff(before, meter.sample())
     errors = ", ".join(f"{k} {v}" for k, v in raw["errors"].items()) or "0"
     rate_label = f"{rate:.0f}/s" if rate else "max"
-    result = Result(path, rate_label, raw["ok"], errors, raw["rps"], raw["p50"], raw["p90"], raw["p99"], cpu, elapsed)
+    late = raw.get("late_p99")
+    result = Result(
+        path, rate_label, raw["ok"], errors, raw["rps"], raw["p50"], raw["p90"], raw["p99"], late, cpu, elapsed
+    )
     result.backlog = backlog.events()
+    sent_late = "" if late is None else f"  sent late p99 {late:.2f} ms"
     print(
-        f"  {path:<17} {rate_label:>7}: {result.rps:7.1f} req/s  p50 {result.p50:6.2f}  p90 {result.p90:6.2f}  "
-        f"p99 {result.p99:7.2f} ms  errors {errors}  billing backlog {result.backlog}",
+        f"  {path:<18} {rate_label:>7}: {result.rps:7.1f} req/s  p50 {result.p50:6.2f}  p90 {result.p90:6.2f}  "
+        f"p99 {result.p99:7.2f} ms  errors {errors}  billing backlog {result.backlog}{sent_late}",
         flush=True,
     )
     wait_for_billing(backlog)
@@ -174,17 +183,18 @@ def print_tables(results: list[Result], names: list[str]) -> None:
     for r in results:
         row = f"| {r.path} | {r.rate} | {r.rps:.0f} | {r.p50:.2f} | {r.p90:.2f} | {r.p99:.2f} | {r.errors} |"
         print(f"{row} {r.backlog} |")
-    # Each path against the direct run of its own round (phases run in order).
-    direct: dict[str, Result] = {}
+    # Each path against the direct call of its kind in its own round (phases
+    # run in order).
+    direct: dict[tuple[str, str], Result] = {}
     added_p99: dict[tuple[str, str], list[tuple[float, float]]] = {}
-    print("\nAdded latency (path minus direct gRPC at the same rate, ms):")
+    print("\nAdded latency (path minus the direct call of its kind at the same rate, ms):")
     print("| path | rate | p50 | p90 | p99 |")
     print("|---|---|---|---|---|")
     for r in results:
-        if r.path == "direct gRPC":
-            direct[r.rate] = r
-        base = direct.get(r.rate)
-        if r.path != "direct gRPC" and base is not None and r.rate != "max":
+        if r.path in BASELINES.values():
+            direct[r.path, r.rate] = r
+        base = direct.get((BASELINES.get(r.path, ""), r.rate))
+        if base is not None and r.rate != "max":
             print(f"| {r.path} | {r.rate} | {r.p50 - base.p50:.2f} | {r.p90 - base.p90:.2f} | {r.p99 - base.p99:.2f} |")
             added_p99.setdefault((r.path, r.rate), []).append((r.p99 - base.p99, platform_cpu_ms(r, names)))
     if any(len(runs) > 1 for runs in added_p99.values()):
@@ -204,7 +214,9 @@ def print_tables(results: list[Result], names: list[str]) -> None:
         print(f"| {r.path} | {r.rate} | {row} | {platform_cpu_ms(r, names):.3f} | {load:.3f} |")
 
 
-PATHS = ("direct", "edge-grpc", "edge-http", "edge-http-stream")
+PATHS = ("direct", "direct-stream", "edge-grpc", "edge-http", "edge-http-stream")
+# What each path's added latency is measured against.
+BASELINES = {"edge gRPC": "direct gRPC", "edge HTTP": "direct gRPC", "edge HTTP stream": "direct gRPC stream"}
 
 
 def main() -> None:
@@ -275,6 +287,12 @@ def main() -> None:
             loads: dict[str, tuple[str, Callable[[float], dict]]] = {
                 "direct": (
                     "direct gRPC",
+                    lambda rate: grpc_load(
+                        f"127.0.0.1:{inference_port}", "direct-complete", rate, args.seconds, tls_dir=pki
+                    ),
+                ),
+                "direct-stream": (
+                    "direct gRPC stream",
                     lambda rate: grpc_load(
                         f"127.0.0.1:{inference_port}", "direct-generate", rate, args.seconds, tls_dir=pki
                     ),

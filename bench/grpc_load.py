@@ -1,12 +1,15 @@
 """A gRPC load generator, run as its own process so it does not share an event
 loop with what it measures. Open loop at a fixed rate (request i is due at
-t0 + i/rate and its latency counts from then, so a stalled server cannot hide
-its queueing), or closed loop with `--concurrency` callers (`--rate 0`).
+t0 + i/rate and goes out then, whatever is still in flight, so a stalled
+server cannot hide its queueing), or closed loop with `--concurrency` callers
+(`--rate 0`). A call's latency counts from when it went out, as wrk's do; how
+late calls went out against their schedule is reported beside it (timers wake
+up to a millisecond late, and a generator starved of CPU falls behind).
 Prints one JSON line: sent, ok, errors by status, achieved req/s, latency
-percentiles in ms.
+percentiles in ms, and the 99th percentile of lateness.
 
     python -m bench.grpc_load --target 127.0.0.1:8080 --call edge-chat --rate 300 --seconds 10 --key sk-...
-    python -m bench.grpc_load --target 127.0.0.1:7103 --call direct-generate --tls-dir PKI --rate 0
+    python -m bench.grpc_load --target 127.0.0.1:7103 --call direct-complete --tls-dir PKI --rate 0
 """
 
 from __future__ import annotations
@@ -43,6 +46,14 @@ def make_call(kind: str, channel: grpc.aio.Channel, model: str, key: str) -> Cal
             return [reply async for reply in stub.Generate(request, timeout=10)]
 
         return generate
+    if kind == "direct-complete":
+        stub = inf_grpc.InferenceServiceStub(channel)
+        request = inf.GenerateRequest(model=model, prompt=PROMPT, sampling=inf.SamplingParams(max_tokens=16))
+
+        async def complete() -> object:
+            return await stub.Complete(request, timeout=10)
+
+        return complete
     llm_stub = llm_grpc.LlmServiceStub(channel)
     metadata = (("authorization", f"Bearer {key}"),)
     chat = llm.CreateChatCompletionRequest(model=model, max_tokens=16)
@@ -82,13 +93,16 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     for _ in range(20):  # connection set up and warm caches, not measured
         await call()
     latencies: list[float] = []
+    lateness: list[float] = []
     errors: collections.Counter[str] = collections.Counter()
     in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
 
     async def one(due: float) -> None:
+        sent_at = time.perf_counter()
+        lateness.append(sent_at - due)
         try:
             await call()
-            latencies.append(time.perf_counter() - due)
+            latencies.append(time.perf_counter() - sent_at)
         except grpc.aio.AioRpcError as error:
             errors[error.code().name] += 1
         finally:
@@ -134,13 +148,16 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "p50": percentile(ordered, 0.50),
         "p90": percentile(ordered, 0.90),
         "p99": percentile(ordered, 0.99),
+        "late_p99": percentile(sorted(lateness), 0.99),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", required=True)
-    parser.add_argument("--call", choices=["direct-generate", "edge-chat", "edge-chat-stream"], required=True)
+    parser.add_argument(
+        "--call", choices=["direct-generate", "direct-complete", "edge-chat", "edge-chat-stream"], required=True
+    )
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--key", default="")
     parser.add_argument("--tls-dir", default="", help="PKI folder with operator.pem/.key and ca.pem (direct calls).")
