@@ -67,6 +67,16 @@ def allowed_peers(settings: ServiceSettings) -> frozenset[str]:
     return peers
 
 
+def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    """gRPC server arguments: past `max_pending_calls` waiting to be taken, gRPC
+    cancels some calls (all past twice that); see DEFAULT_MAX_PENDING_CALLS."""
+    return [
+        ("grpc.so_reuseport", 0),
+        ("grpc.server.max_pending_requests", settings.max_pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * settings.max_pending_calls),
+    ]
+
+
 def create_server(
     settings: ServiceSettings,
     register: Registrar,
@@ -75,7 +85,7 @@ def create_server(
     """Builds the server with mTLS (or plaintext behind a sidecar); `register` adds the service's servicers to it."""
     server = grpc.aio.server(
         interceptors=[ErrorStatusInterceptor(allowed_peers(settings))],
-        options=[("grpc.so_reuseport", 0)],
+        options=server_options(settings),
     )
     register(server)
     health_servicer = HealthServicer()

@@ -9,6 +9,15 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Calls a service's gRPC server holds before the service takes them. Past gRPC's
+# own default, 1,000 waiting, it cancels some new calls (every one past 3,000),
+# and the client reads CANCELLED, as if it had hung up: at 1,000 req/s offered
+# to the edge, 6-30 calls in 8,000 ended so. In the mesh the limit is Envoy's breaker in front of
+# each service (`max_requests`, 1,024 per Envoy by default), which answers
+# UNAVAILABLE, a status clients retry; this stays above what the Envoys may send
+# (mesh/topology.py checks the topology against it).
+DEFAULT_MAX_PENDING_CALLS = 16_384
+
 
 class ServiceSettings(BaseSettings):
     """Where a service listens and how it proves who it is."""
@@ -34,6 +43,11 @@ class ServiceSettings(BaseSettings):
     port_file: Path | None = Field(None, description="When set, the bound port is written here once serving.")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics on `host` here; 0 turns it off.")
     otlp_endpoint: str = Field("", description="host:port of an OTLP/gRPC trace collector; empty: no tracing.")
+    max_pending_calls: int = Field(
+        DEFAULT_MAX_PENDING_CALLS,
+        gt=0,
+        description="Calls the gRPC server holds before the service takes them; past it gRPC cancels some, all past twice it.",
+    )
 
     @model_validator(mode="after")
     def _tls_files(self) -> ServiceSettings:

@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from mariana_common.settings import DEFAULT_MAX_PENDING_CALLS
+
 DEFAULT_FILE = Path(__file__).with_name("topology.yaml")
 EDGE = "edge"
 
@@ -192,7 +194,21 @@ class Topology(Strict):
             mesh_callers = [c for c in service.callers if c != EDGE]
             if mesh_callers and service.mesh_port is None:
                 raise ValueError(f"{name}: called by {mesh_callers} but has no mesh_port")
+        self._check_backlogs()
         return self
+
+    def _check_backlogs(self) -> None:
+        """Every Envoy may have a service's breaker-full of calls in flight to
+        it; more than its gRPC server holds waiting, and gRPC cancels calls
+        that Envoy would have refused with a status clients retry."""
+        for name, service in self.services.items():
+            in_flight = self.edge.replicas * service.circuit_breaker.max_requests
+            if in_flight > DEFAULT_MAX_PENDING_CALLS:
+                raise ValueError(
+                    f"{name}: {self.edge.replicas} Envoys x circuit_breaker.max_requests "
+                    f"{service.circuit_breaker.max_requests} = {in_flight} calls in flight, more than its gRPC "
+                    f"server holds ({DEFAULT_MAX_PENDING_CALLS}, mariana_common/settings.py)"
+                )
 
     def spiffe_id(self, identity: str) -> str:
         return f"spiffe://{self.trust_domain}/{identity}"
@@ -209,7 +225,9 @@ class Topology(Strict):
             for name, s in self.services.items()
         }
         edge = self.edge.model_copy(update={"replicas": replicas.get(EDGE, self.edge.replicas)})
-        return self.model_copy(update={"services": services, "edge": edge})
+        topology = self.model_copy(update={"services": services, "edge": edge})
+        topology._check_backlogs()
+        return topology
 
     def with_settings(self, settings: dict[str, dict[str, str]]) -> Topology:
         """The same topology with more settings per service (names without

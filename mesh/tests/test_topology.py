@@ -10,6 +10,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from mariana_common.settings import DEFAULT_MAX_PENDING_CALLS
 from mesh.api import method_paths
 from mesh.envoy_config import write_bootstrap
 from mesh.pki import CertFiles
@@ -40,6 +41,21 @@ def test_mesh_caller_needs_a_mesh_port() -> None:
     del raw["services"]["moderation"]["mesh_port"]
     with pytest.raises(ValidationError, match="mesh_port"):
         Topology.model_validate(raw)
+
+
+def test_envoys_may_not_send_a_service_more_calls_than_its_grpc_server_holds() -> None:
+    """Past the server's backlog gRPC cancels calls (the client reads CANCELLED);
+    Envoy's breaker must refuse them first, with UNAVAILABLE."""
+    raw = yaml.safe_load(DEFAULT_FILE.read_text())
+    raw["services"]["router"]["circuit_breaker"] = {"max_requests": DEFAULT_MAX_PENDING_CALLS + 1}
+    with pytest.raises(ValidationError, match=r"router: 1 Envoys x circuit_breaker\.max_requests"):
+        Topology.model_validate(raw)
+    topology = load_topology()
+    breaker = topology.services["router"].circuit_breaker.max_requests
+    envoys = DEFAULT_MAX_PENDING_CALLS // breaker
+    assert topology.with_replicas({"edge": envoys}).edge.replicas == envoys
+    with pytest.raises(ValueError, match=f"{envoys + 1} Envoys"):
+        topology.with_replicas({"edge": envoys + 1})
 
 
 def _all_ports(topology: Topology, any_ports: bool) -> list[int]:
