@@ -46,7 +46,7 @@ class ServiceSettings(BaseSettings):
     max_pending_calls: int = Field(
         DEFAULT_MAX_PENDING_CALLS,
         gt=0,
-        description="Calls the gRPC server holds before the service takes them; past it gRPC cancels some, all past twice it.",
+        description="Calls the gRPC server holds waiting for the service; past it gRPC cancels some (all past 2x).",
     )
 
     @model_validator(mode="after")
