@@ -12,10 +12,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # Calls a service's gRPC server holds before the service takes them. Past gRPC's
 # own default, 1,000 waiting, it cancels some new calls (every one past 3,000),
 # and the client reads CANCELLED, as if it had hung up: at 1,000 req/s offered
-# to the edge, 6-30 calls in 8,000 ended so. In the mesh the limit is Envoy's breaker in front of
-# each service (`max_requests`, 1,024 per Envoy by default), which answers
-# UNAVAILABLE, a status clients retry; this stays above what the Envoys may send
-# (mesh/topology.py checks the topology against it).
+# to the edge, 6-30 calls in 8,000 ended so. In the mesh the limit is Envoy's
+# breaker in front of each service (`max_requests`, 1,024 per Envoy by default),
+# which answers UNAVAILABLE, a status clients retry; this stays above what the
+# Envoys may send (mesh/topology.py checks the topology against it).
 DEFAULT_MAX_PENDING_CALLS = 16_384
 
 

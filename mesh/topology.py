@@ -203,11 +203,12 @@ class Topology(Strict):
         that Envoy would have refused with a status clients retry."""
         for name, service in self.services.items():
             in_flight = self.edge.replicas * service.circuit_breaker.max_requests
-            if in_flight > DEFAULT_MAX_PENDING_CALLS:
+            held = int(service.settings.get("MAX_PENDING_CALLS", DEFAULT_MAX_PENDING_CALLS))
+            if in_flight > held:
                 raise ValueError(
                     f"{name}: {self.edge.replicas} Envoys x circuit_breaker.max_requests "
                     f"{service.circuit_breaker.max_requests} = {in_flight} calls in flight, more than its gRPC "
-                    f"server holds ({DEFAULT_MAX_PENDING_CALLS}, mariana_common/settings.py)"
+                    f"server holds (MAX_PENDING_CALLS {held})"
                 )
 
     def spiffe_id(self, identity: str) -> str:

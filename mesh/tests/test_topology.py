@@ -50,6 +50,8 @@ def test_envoys_may_not_send_a_service_more_calls_than_its_grpc_server_holds() -
     raw["services"]["router"]["circuit_breaker"] = {"max_requests": DEFAULT_MAX_PENDING_CALLS + 1}
     with pytest.raises(ValidationError, match=r"router: 1 Envoys x circuit_breaker\.max_requests"):
         Topology.model_validate(raw)
+    raw["services"]["router"]["settings"] = {"MAX_PENDING_CALLS": str(DEFAULT_MAX_PENDING_CALLS + 1)}
+    assert Topology.model_validate(raw).services["router"].circuit_breaker.max_requests > DEFAULT_MAX_PENDING_CALLS
     topology = load_topology()
     breaker = topology.services["router"].circuit_breaker.max_requests
     envoys = DEFAULT_MAX_PENDING_CALLS // breaker
