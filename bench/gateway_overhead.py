@@ -63,7 +63,6 @@ class Result:
     p50: float
     p90: float
     p99: float
-    late_p99: float | None
     cpu_s: dict[str, float]
     seconds: float
     # Usage events billing had not applied when the phase ended (it works off
@@ -150,9 +149,7 @@ def measure(meter: CpuMeter, backlog: BillingBacklog, path: str, rate: float, lo
     errors = ", ".join(f"{k} {v}" for k, v in raw["errors"].items()) or "0"
     rate_label = f"{rate:.0f}/s" if rate else "max"
     late = raw.get("late_p99")
-    result = Result(
-        path, rate_label, raw["ok"], errors, raw["rps"], raw["p50"], raw["p90"], raw["p99"], late, cpu, elapsed
-    )
+    result = Result(path, rate_label, raw["ok"], errors, raw["rps"], raw["p50"], raw["p90"], raw["p99"], cpu, elapsed)
     result.backlog = backlog.events()
     sent_late = "" if late is None else f"  sent late p99 {late:.2f} ms"
     print(
