@@ -29,9 +29,11 @@ import json
 import resource
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -216,6 +218,17 @@ PATHS = ("direct", "direct-stream", "edge-grpc", "edge-http", "edge-http-stream"
 BASELINES = {"edge gRPC": "direct gRPC", "edge HTTP": "direct gRPC", "edge HTTP stream": "direct gRPC stream"}
 
 
+def wait_for_stop_signal() -> None:
+    """Until SIGINT or SIGTERM, then return, so the platform stops cleanly. Both
+    handlers are set here: a program a shell started in the background inherits
+    SIGINT ignored, and `bench.side_by_side` stops its sides with it."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8.0, help="per phase")
@@ -316,12 +329,8 @@ def main() -> None:
                         print(profile.report(results[-1].ok), flush=True)
             print_tables(results, [p.name for p in stack.processes])
             if args.hold:
-                print(f"holding: edge {edge}, key {key}; Ctrl-C stops", flush=True)
-                try:
-                    while True:
-                        time.sleep(3600)
-                except KeyboardInterrupt:
-                    pass
+                print(f"holding: edge {edge}, key {key}; Ctrl-C or SIGTERM stops", flush=True)
+                wait_for_stop_signal()
 
 
 if __name__ == "__main__":
