@@ -45,6 +45,8 @@ import yaml
 from pydantic import SecretStr
 
 from bench.common import MODEL, MODEL_DIR, issue_key
+from bench.grpc_load import MEASURING
+from bench.hop_times import HopLog
 from bench.profile import Profile
 from launcher.settings import REPO, LauncherSettings
 from launcher.stack import Stack
@@ -70,6 +72,8 @@ class Result:
     # Usage events billing had not applied when the phase ended (it works off
     # the request path, from the Redis Stream, and can fall behind).
     backlog: int = 0
+    # Failed calls of the warm-up before the phase (not in `errors`).
+    warmup_errors: int = 0
 
 
 class CpuMeter:
@@ -95,13 +99,28 @@ class CpuMeter:
         return {name: after[name] - before[name] for name in after}
 
 
-def grpc_load(target: str, call: str, rate: float, seconds: float, key: str = "", tls_dir: str = "") -> dict:
+Mark = Callable[[], None]
+
+
+def grpc_load(
+    target: str, call: str, rate: float, seconds: float, warmup: float, mark: Mark, key: str = "", tls_dir: str = ""
+) -> dict:
+    """`mark` is called when the load generator's warm-up ends."""
     argv = [sys.executable, "-m", "bench.grpc_load", "--target", target, "--call", call, "--model", MODEL]
     argv += ["--rate", str(rate), "--seconds", str(seconds), "--concurrency", str(SATURATION_CONCURRENCY)]
+    argv += ["--warmup", str(warmup)]
     argv += ["--key", key] if key else []
     argv += ["--tls-dir", tls_dir] if tls_dir else []
-    out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=seconds + 120, check=True)
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    with subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, text=True) as process:
+        assert process.stdout is not None
+        lines = []
+        for line in process.stdout:
+            if line.strip() == MEASURING:
+                mark()
+            lines.append(line)
+        if process.wait(timeout=seconds + warmup + 120) != 0:
+            raise subprocess.CalledProcessError(process.returncode, argv)
+    return dict(json.loads(lines[-1]))
 
 
 def wrk_load(edge: str, key: str, rate: float, seconds: float, stream: bool) -> dict:
@@ -127,6 +146,17 @@ def wrk_load(edge: str, key: str, rate: float, seconds: float, stream: bool) -> 
     }
 
 
+def wrk_warmed(edge: str, key: str, rate: float, seconds: float, warmup: float, mark: Mark, stream: bool) -> dict:
+    """A wrk run of `warmup` seconds at the same rate, then the measured one
+    (a few milliseconds apart: wrk starts at once)."""
+    warm = wrk_load(edge, key, rate, warmup, stream) if warmup >= 1 else None
+    mark()
+    raw = wrk_load(edge, key, rate, seconds, stream)
+    if warm is not None:
+        raw["warmup"] = {"ok": warm["ok"], "errors": warm["errors"], "p99": warm["p99"]}
+    return raw
+
+
 class BillingBacklog:
     """Usage events in the stream that billing's consumer group has not
     acknowledged: not yet read (lag) plus read and not yet applied (pending)."""
@@ -143,22 +173,48 @@ class BillingBacklog:
         return sum(int(g.get("lag") or 0) + int(g.get("pending") or 0) for g in groups)
 
 
-def measure(meter: CpuMeter, backlog: BillingBacklog, path: str, rate: float, load: Callable[[], dict]) -> Result:
+def measure(
+    meter: CpuMeter,
+    backlog: BillingBacklog,
+    path: str,
+    rate: float,
+    load: Callable[[Mark], dict],
+    hops: HopLog | None = None,
+) -> Result:
+    """One phase. `load` calls its mark when the warm-up is over: the platform's
+    CPU (and with `hops`, the access log) counts from there."""
     before, started = meter.sample(), time.perf_counter()
-    raw = load()
+
+    def mark() -> None:
+        nonlocal before, started
+        before, started = meter.sample(), time.perf_counter()
+        if hops is not None:
+            hops.start()
+
+    raw = load(mark)
     elapsed = time.perf_counter() - started
     cpu = CpuMeter.diff(before, meter.sample())
+    if "cpu_s" in raw:  # the generator's own, counted part only (a child's rusage comes whole)
+        cpu["load generator"] = raw["cpu_s"]
     errors = ", ".join(f"{k} {v}" for k, v in raw["errors"].items()) or "0"
     rate_label = f"{rate:.0f}/s" if rate else "max"
     late = raw.get("late_p99")
     result = Result(path, rate_label, raw["ok"], errors, raw["rps"], raw["p50"], raw["p90"], raw["p99"], cpu, elapsed)
     result.backlog = backlog.events()
     sent_late = "" if late is None else f"  sent late p99 {late:.2f} ms"
+    warm = raw.get("warmup")
+    warmed = ""
+    if warm:
+        warm_errors = ", ".join(f"{k} {v}" for k, v in warm["errors"].items()) or "0"
+        warmed = f"  | warm-up: {warm['ok']} ok, p99 {warm['p99']:.2f} ms, errors {warm_errors}"
+        result.warmup_errors = sum(warm["errors"].values())
     print(
         f"  {path:<18} {rate_label:>7}: {result.rps:7.1f} req/s  p50 {result.p50:6.2f}  p90 {result.p90:6.2f}  "
-        f"p99 {result.p99:7.2f} ms  errors {errors}  billing backlog {result.backlog}{sent_late}",
+        f"p99 {result.p99:7.2f} ms  errors {errors}  billing backlog {result.backlog}{sent_late}{warmed}",
         flush=True,
     )
+    if hops is not None:
+        print(hops.report(), flush=True)
     wait_for_billing(backlog)
     return result
 
@@ -234,6 +290,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="per phase")
     parser.add_argument("--rates", default="100,300,1000", help="fixed rates in req/s")
     parser.add_argument(
+        "--warmup",
+        type=float,
+        default=2.0,
+        help="seconds of each phase's load before it is measured (whole seconds for wrk; 0: none)",
+    )
+    parser.add_argument(
         "--saturation", action=argparse.BooleanOptionalAction, default=True, help="also run at saturation (default)"
     )
     parser.add_argument(
@@ -255,6 +317,11 @@ def main() -> None:
         "--ext-authz",
         choices=["grpc", "http"],
         help="how the edge asks auth (default: the topology's edge.ext_authz_api)",
+    )
+    parser.add_argument(
+        "--hops",
+        action="store_true",
+        help="split each edge phase's time by hop (edge, router, mesh, inference) from Envoy's access log",
     )
     parser.add_argument("--hold", action="store_true", help="keep the platform up after the run (for profiling)")
     args = parser.parse_args()
@@ -294,26 +361,35 @@ def main() -> None:
             key = issue_key(edge, master)
             meter = CpuMeter.of(stack)
             backlog = BillingBacklog(stack.plan.redis_port)
-            loads: dict[str, tuple[str, Callable[[float], dict]]] = {
+            warm = args.warmup
+            direct = f"127.0.0.1:{inference_port}"
+            loads: dict[str, tuple[str, Callable[[float, Mark], dict]]] = {
                 "direct": (
                     "direct gRPC",
-                    lambda rate: grpc_load(
-                        f"127.0.0.1:{inference_port}", "direct-complete", rate, args.seconds, tls_dir=pki
+                    lambda rate, mark: grpc_load(
+                        direct, "direct-complete", rate, args.seconds, warm, mark, tls_dir=pki
                     ),
                 ),
                 "direct-stream": (
                     "direct gRPC stream",
-                    lambda rate: grpc_load(
-                        f"127.0.0.1:{inference_port}", "direct-generate", rate, args.seconds, tls_dir=pki
+                    lambda rate, mark: grpc_load(
+                        direct, "direct-generate", rate, args.seconds, warm, mark, tls_dir=pki
                     ),
                 ),
-                "edge-grpc": ("edge gRPC", lambda rate: grpc_load(edge, "edge-chat", rate, args.seconds, key=key)),
-                "edge-http": ("edge HTTP", lambda rate: wrk_load(edge, key, rate, args.seconds, stream=False)),
+                "edge-grpc": (
+                    "edge gRPC",
+                    lambda rate, mark: grpc_load(edge, "edge-chat", rate, args.seconds, warm, mark, key=key),
+                ),
+                "edge-http": (
+                    "edge HTTP",
+                    lambda rate, mark: wrk_warmed(edge, key, rate, args.seconds, warm, mark, stream=False),
+                ),
                 "edge-http-stream": (
                     "edge HTTP stream",
-                    lambda rate: wrk_load(edge, key, rate, args.seconds, stream=True),
+                    lambda rate, mark: wrk_warmed(edge, key, rate, args.seconds, warm, mark, stream=True),
                 ),
             }
+            hop_log = HopLog(stack.logs / "envoy.log", stack.plan.admin_port) if args.hops else None
             results = []
 
             def profiled(rate: float) -> bool:
@@ -324,7 +400,8 @@ def main() -> None:
                 for path in paths:
                     label, load = loads[path]
                     profile = Profile(stack.process(args.profile).pid, args.seconds) if profiled(rate) else None
-                    results.append(measure(meter, backlog, label, rate, lambda: load(rate)))  # noqa: B023 - called at once
+                    hops = hop_log if path.startswith("edge") else None
+                    results.append(measure(meter, backlog, label, rate, lambda mark: load(rate, mark), hops))  # noqa: B023
                     if profile is not None:
                         print(profile.report(results[-1].ok), flush=True)
             print_tables(results, [p.name for p in stack.processes])

@@ -5,8 +5,12 @@ server cannot hide its queueing), or closed loop with `--concurrency` callers
 (`--rate 0`). A call's latency counts from when it went out, as wrk's do; how
 late calls went out against their schedule is reported beside it (timers wake
 up to a millisecond late, and a generator starved of CPU falls behind).
-Prints one JSON line: sent, ok, errors by status, achieved req/s, latency
-percentiles in ms, and the 99th percentile of lateness.
+With `--warmup S`, the same load runs S seconds first and is not counted:
+a platform idle for seconds answers its first requests several times slower
+than in steady state. The line `measuring` marks where the counted part
+begins. Then one JSON line: sent, ok, errors by status, achieved req/s,
+latency percentiles in ms, the 99th percentile of lateness, this process's
+CPU seconds over the counted part, and the warm-up's own ok, errors and p99.
 
     python -m bench.grpc_load --target 127.0.0.1:8080 --call edge-chat --rate 300 --seconds 10 --key sk-...
     python -m bench.grpc_load --target 127.0.0.1:7103 --call direct-complete --tls-dir PKI --rate 0
@@ -18,8 +22,10 @@ import argparse
 import asyncio
 import collections
 import json
+import resource
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -33,6 +39,8 @@ from mariana_common.tls import channel_credentials
 
 PROMPT = "Say hello to the benchmark"
 MAX_IN_FLIGHT = 1024
+# The line that says the warm-up is over and the measured part begins.
+MEASURING = "measuring"
 
 Call = Callable[[], Awaitable[object]]
 
@@ -90,26 +98,27 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     else:
         channel = grpc.aio.insecure_channel(args.target)
     call = make_call(args.call, channel, args.model, args.key)
-    for _ in range(20):  # connection set up and warm caches, not measured
+    for _ in range(20):  # connection set up, not measured
         await call()
-    latencies: list[float] = []
-    lateness: list[float] = []
-    errors: collections.Counter[str] = collections.Counter()
+    warm_up, measured = Tally(), Tally()
     in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
+    started = time.perf_counter()
+    measuring_from = started + args.warmup
+    end = measuring_from + args.seconds
 
     async def one(due: float) -> None:
+        tally = measured if due >= measuring_from else warm_up
         sent_at = time.perf_counter()
-        lateness.append(sent_at - due)
+        tally.lateness.append(sent_at - due)
         try:
             await call()
-            latencies.append(time.perf_counter() - sent_at)
+            tally.latencies.append(time.perf_counter() - sent_at)
         except grpc.aio.AioRpcError as error:
-            errors[error.code().name] += 1
+            tally.errors[error.code().name] += 1
         finally:
             in_flight.release()
 
-    started = time.perf_counter()
-    end = started + args.seconds
+    marker = asyncio.create_task(mark_measuring(measuring_from))
     sent = 0
     tasks: set[asyncio.Task[None]] = set()
     if args.rate > 0:
@@ -129,27 +138,53 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     else:
 
         async def caller() -> None:
-            nonlocal sent
             while time.perf_counter() < end:
                 await in_flight.acquire()
-                sent += 1
                 await one(time.perf_counter())
 
         await asyncio.gather(*(caller() for _ in range(args.concurrency)))
     await asyncio.gather(*tasks)
-    elapsed = time.perf_counter() - started
+    cpu_from = await marker
+    elapsed = time.perf_counter() - measuring_from
     await channel.close()
-    ordered = sorted(latencies)
+    ordered = sorted(measured.latencies)
     return {
-        "sent": sent,
-        "ok": len(latencies),
-        "errors": dict(errors),
-        "rps": len(latencies) / elapsed,
+        "sent": len(measured.lateness),
+        "ok": len(ordered),
+        "errors": dict(measured.errors),
+        "rps": len(ordered) / elapsed,
         "p50": percentile(ordered, 0.50),
         "p90": percentile(ordered, 0.90),
         "p99": percentile(ordered, 0.99),
-        "late_p99": percentile(sorted(lateness), 0.99),
+        "late_p99": percentile(sorted(measured.lateness), 0.99),
+        "cpu_s": cpu_seconds() - cpu_from,
+        "warmup": warm_up.summary(),
     }
+
+
+@dataclass
+class Tally:
+    """What the calls of one part of a run (warm-up or measured) came to."""
+
+    latencies: list[float] = field(default_factory=list)
+    lateness: list[float] = field(default_factory=list)
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def summary(self) -> dict[str, object]:
+        return {"ok": len(self.latencies), "errors": dict(self.errors), "p99": percentile(sorted(self.latencies), 0.99)}
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def mark_measuring(at: float) -> float:
+    """Says on stdout when the measured part begins (the caller samples the
+    platform's CPU then) and returns this process's CPU seconds at that moment."""
+    await asyncio.sleep(max(0.0, at - time.perf_counter()))
+    print(MEASURING, flush=True)
+    return cpu_seconds()
 
 
 def main() -> None:
@@ -164,6 +199,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=0, help="req/s; 0 = closed loop at --concurrency")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument(
+        "--warmup", type=float, default=0, help="seconds of the same load first, not counted (reported apart)"
+    )
     args = parser.parse_args()
     print(json.dumps(uvloop.run(run(args))))
 

@@ -43,6 +43,7 @@ class Side:
     name: str
     tree: Path
     env: dict[str, str]
+    python: str = sys.executable
     edge: str = ""
     key: str = ""
     process: subprocess.Popen[str] | None = None
@@ -51,7 +52,7 @@ class Side:
     cpu: dict[str, list[float]] = field(default_factory=dict)
 
     def start(self) -> None:
-        argv = [sys.executable, "-u", "-m", "bench.gateway_overhead", "--rates", "", "--paths", "direct", "--hold"]
+        argv = [self.python, "-u", "-m", "bench.gateway_overhead", "--rates", "", "--paths", "direct", "--hold"]
         env = {**os.environ, **self.env}
         self.process = subprocess.Popen(argv, cwd=self.tree, env=env, stdout=subprocess.PIPE, text=True)
         assert self.process.stdout is not None
@@ -119,14 +120,19 @@ def main() -> None:
     parser.add_argument("--b-ref", help="git ref for side B (default: this tree)")
     parser.add_argument("--a-env", action="append", default=[], metavar="K=V", help="environment of side A")
     parser.add_argument("--b-env", action="append", default=[], metavar="K=V", help="environment of side B")
+    parser.add_argument("--a-python", default=sys.executable, help="interpreter of side A's platform (a venv's python)")
+    parser.add_argument("--b-python", default=sys.executable, help="interpreter of side B's platform")
     parser.add_argument("--pairs", type=int, default=7)
     parser.add_argument("--rate", type=float, default=300.0, help="req/s of each phase")
     parser.add_argument("--seconds", type=float, default=8.0, help="per phase")
     args = parser.parse_args()
-    if not (args.a_ref or args.b_ref or args.a_env or args.b_env):
+    if not (args.a_ref or args.b_ref or args.a_env or args.b_env or args.a_python != args.b_python):
         parser.error("the sides are the same: give a ref or an environment to one of them")
     with checkout(args.a_ref) as tree_a, checkout(args.b_ref) as tree_b:
-        sides = [Side("A", tree_a, environment(args.a_env)), Side("B", tree_b, environment(args.b_env))]
+        sides = [
+            Side("A", tree_a, environment(args.a_env), args.a_python),
+            Side("B", tree_b, environment(args.b_env), args.b_python),
+        ]
         try:
             for side in sides:
                 side.start()

@@ -16,7 +16,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
+from envoy_data_plane.envoy.config.bootstrap.v3 import (
+    Admin,
+    Bootstrap,
+    BootstrapStaticResources,
+    LayeredRuntime,
+    RuntimeLayer,
+    RuntimeLayerAdminLayer,
+)
 from envoy_data_plane.envoy.config.core.v3 import (
     Node,
     TransportSocket,
@@ -127,6 +134,10 @@ def render_bootstrap(plan: Plan, index: int = 0, edge_auth: bool = True) -> Boot
         # SDS needs a node identity.
         node=Node(id=f"envoy-{index}", cluster="mariana-edge"),
         admin=Admin(address=address(plan.admin_ports[index])),
+        # The runtime keys the config names (the inner hops' access-log
+        # thresholds, say) can be changed on the admin port, without a restart:
+        #   curl -X POST 'localhost:<admin>/runtime_modify?mesh_access_log.min_duration_ms=0'
+        layered_runtime=LayeredRuntime(layers=[RuntimeLayer(name="admin", admin_layer=RuntimeLayerAdminLayer())]),
         static_resources=BootstrapStaticResources(listeners=listeners, clusters=clusters),
     )
 

@@ -84,6 +84,13 @@ ACCESS_LOG_FIELDS = {
     "upstream": "%UPSTREAM_CLUSTER%",
     "route": "%ROUTE_NAME%",
     "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+    # Where a request's time went, in µs: from its first byte until it went
+    # upstream (at the edge: auth's check, the transcoder, the Lua), and from
+    # there until the upstream's answer had come back whole.
+    "start_s": "%START_TIME(%s.%6f)%",
+    "before_upstream_us": "%COMMON_DURATION(DS_RX_BEG:US_TX_BEG:us)%",
+    "upstream_us": "%COMMON_DURATION(US_TX_BEG:US_RX_END:us)%",
+    "duration_us": "%COMMON_DURATION(DS_RX_BEG:DS_TX_END:us)%",
 }
 
 
