@@ -72,8 +72,6 @@ class Result:
     # Usage events billing had not applied when the phase ended (it works off
     # the request path, from the Redis Stream, and can fall behind).
     backlog: int = 0
-    # Failed calls of the warm-up before the phase (not in `errors`).
-    warmup_errors: int = 0
 
 
 class CpuMeter:
@@ -207,7 +205,6 @@ def measure(
     if warm:
         warm_errors = ", ".join(f"{k} {v}" for k, v in warm["errors"].items()) or "0"
         warmed = f"  | warm-up: {warm['ok']} ok, p99 {warm['p99']:.2f} ms, errors {warm_errors}"
-        result.warmup_errors = sum(warm["errors"].values())
     print(
         f"  {path:<18} {rate_label:>7}: {result.rps:7.1f} req/s  p50 {result.p50:6.2f}  p90 {result.p90:6.2f}  "
         f"p99 {result.p99:7.2f} ms  errors {errors}  billing backlog {result.backlog}{sent_late}{warmed}",

@@ -148,7 +148,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     elapsed = time.perf_counter() - measuring_from
     await channel.close()
     ordered = sorted(measured.latencies)
-    return {
+    result: dict[str, object] = {
         "sent": len(measured.lateness),
         "ok": len(ordered),
         "errors": dict(measured.errors),
@@ -158,8 +158,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "p99": percentile(ordered, 0.99),
         "late_p99": percentile(sorted(measured.lateness), 0.99),
         "cpu_s": cpu_seconds() - cpu_from,
-        "warmup": warm_up.summary(),
     }
+    if args.warmup > 0:
+        result["warmup"] = warm_up.summary()
+    return result
 
 
 @dataclass
