@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="per phase")
     args = parser.parse_args()
     if not (args.a_ref or args.b_ref or args.a_env or args.b_env or args.a_python != args.b_python):
-        parser.error("the sides are the same: give a ref or an environment to one of them")
+        parser.error("the sides are the same: give a ref, an environment or an interpreter to one of them")
     with checkout(args.a_ref) as tree_a, checkout(args.b_ref) as tree_b:
         sides = [
             Side("A", tree_a, environment(args.a_env), args.a_python),

@@ -80,7 +80,6 @@ ACCESS_LOG_FIELDS = {
     "status": "%RESPONSE_CODE%",
     "grpc_status": "%GRPC_STATUS%",
     "flags": "%RESPONSE_FLAGS%",
-    "duration_ms": "%DURATION%",
     "upstream": "%UPSTREAM_CLUSTER%",
     "route": "%ROUTE_NAME%",
     "attempts": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
