@@ -89,6 +89,8 @@ class Stack:
             prefix + "TLS_PEERS": json.dumps([self.plan.topology.spiffe_id(i) for i in (ENVOY_IDENTITY, OPERATOR)]),
             prefix + "LOG_LEVEL": self.settings.log_level,
             prefix + "OTLP_ENDPOINT": self.settings.otlp_endpoint,
+            # Its upstreams are Envoy's mesh listeners, which bridge HTTP/1.1 to gRPC.
+            prefix + "MESH_UNARY_HTTP1": "true",
         }
         data = self.data_dir
         replica = self.plan.service_ports[name].index(port)

@@ -5,7 +5,11 @@ A mesh target may list several Envoys (`ipv4:127.0.0.1:7201,127.0.0.1:7301`):
 calls are spread round robin over those that are up, so no one Envoy is a
 single point of failure. When the service's certificate is rotated, the next
 call opens a new channel with the new files; calls already running on the old
-one finish there (it is closed after `OLD_CHANNEL_GRACE_S`)."""
+one finish there (it is closed after `OLD_CHANNEL_GRACE_S`).
+
+Where the targets are the local mesh's Envoys (`mesh_unary_http1`), unary
+calls go as HTTP/1.1 requests that the mesh listener bridges to gRPC
+(`http1_bridge.py`): the same call upstream, at half the caller's CPU."""
 
 from __future__ import annotations
 
@@ -15,8 +19,9 @@ from typing import Any
 import grpc
 import structlog
 
+from mariana_common.http1_bridge import BridgedUnary, Http1Pool
 from mariana_common.settings import ServiceSettings
-from mariana_common.tls import CertificateFiles, credentials_of
+from mariana_common.tls import CertificateFiles, client_ssl_context, credentials_of
 
 log = structlog.get_logger()
 
@@ -57,12 +62,14 @@ class _Method:
 class MeshChannel:
     """Quacks like the parts of grpc.aio.Channel that generated stubs use."""
 
-    def __init__(self, target: str, files: CertificateFiles) -> None:
+    def __init__(self, target: str, files: CertificateFiles, unary_over_http1: bool = False) -> None:
         self._target = target
         self._files = files
         self._generation = 0
         self._channel = self._open()
         self._retired: set[asyncio.Task[None]] = set()
+        self._ssl_context = client_ssl_context(files.pair)
+        self._bridge = Http1Pool(target, lambda: self._ssl_context) if unary_over_http1 else None
 
     def _open(self) -> grpc.aio.Channel:
         return grpc.aio.secure_channel(self._target, credentials_of(self._files.pair), options=_TLS_OPTIONS)
@@ -72,12 +79,22 @@ class MeshChannel:
             old, self._channel = self._channel, self._open()
             self._generation += 1
             log.info("mesh channel reopened with the rotated certificate", target=self._target)
+            self._ssl_context = client_ssl_context(self._files.pair)
+            if self._bridge is not None:
+                self._bridge.drop_idle()
             task = asyncio.get_running_loop().create_task(old.close(OLD_CHANNEL_GRACE_S))
             self._retired.add(task)
             task.add_done_callback(self._retired.discard)
         return self._channel, self._generation
 
+    def _bridged(self) -> Http1Pool:
+        self.current()  # takes a rotated certificate
+        assert self._bridge is not None
+        return self._bridge
+
     def unary_unary(self, *args: Any, **kwargs: Any) -> Any:
+        if self._bridge is not None:
+            return BridgedUnary(self._bridged, args[0], kwargs["request_serializer"], kwargs["response_deserializer"])
         return _Method(self, "unary_unary", args, kwargs)
 
     def unary_stream(self, *args: Any, **kwargs: Any) -> Any:
@@ -96,6 +113,8 @@ class MeshChannel:
         for task in list(self._retired):
             task.cancel()
         await self._channel.close(grace)
+        if self._bridge is not None:
+            await self._bridge.close()
 
 
 def mesh_channel(target: str, settings: ServiceSettings) -> Any:
@@ -104,4 +123,4 @@ def mesh_channel(target: str, settings: ServiceSettings) -> Any:
     plaintext channel: the sidecar does mTLS."""
     if not settings.tls:
         return grpc.aio.insecure_channel(target, options=_OPTIONS)
-    return MeshChannel(target, CertificateFiles(*settings.tls_files()))
+    return MeshChannel(target, CertificateFiles(*settings.tls_files()), settings.mesh_unary_http1)

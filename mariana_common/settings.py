@@ -43,6 +43,11 @@ class ServiceSettings(BaseSettings):
     port_file: Path | None = Field(None, description="When set, the bound port is written here once serving.")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics on `host` here; 0 turns it off.")
     otlp_endpoint: str = Field("", description="host:port of an OTLP/gRPC trace collector; empty: no tracing.")
+    mesh_unary_http1: bool = Field(
+        False,
+        description="Unary calls to other services go as HTTP/1.1 requests that Envoy's mesh listener bridges to "
+        "gRPC (half the caller's CPU); only where the targets are the local mesh's Envoys.",
+    )
     max_pending_calls: int = Field(
         DEFAULT_MAX_PENDING_CALLS,
         gt=0,

@@ -113,6 +113,24 @@ def server_credentials(cert: Path, key: Path, ca: Path) -> grpc.ServerCredential
     )
 
 
+def _load_chain(context: ssl.SSLContext, pair: KeyPair) -> None:
+    with tempfile.TemporaryDirectory() as tmp:  # OpenSSL reads a chain from files only
+        cert, key = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
+        cert.write_bytes(pair.cert)
+        key.touch(0o600)
+        key.write_bytes(pair.key)
+        context.load_cert_chain(cert, key)
+
+
+def client_ssl_context(pair: KeyPair, alpn: tuple[str, ...] = ("http/1.1",)) -> ssl.SSLContext:
+    """An ssl.SSLContext that presents `pair` and trusts only the mesh CA (an
+    asyncio client's, where grpc.aio takes `credentials_of`)."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=pair.ca.decode())
+    _load_chain(context, pair)
+    context.set_alpn_protocols(list(alpn))
+    return context
+
+
 class ServerSslContext:
     """An ssl.SSLContext for an asyncio server, client certificates required,
     that takes rotated files for new handshakes (`refresh`, called
@@ -126,12 +144,7 @@ class ServerSslContext:
 
     def _load(self, pair: KeyPair) -> None:
         self.context.load_verify_locations(cadata=pair.ca.decode())
-        with tempfile.TemporaryDirectory() as tmp:  # OpenSSL reads a chain from files only
-            cert, key = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
-            cert.write_bytes(pair.cert)
-            key.touch(0o600)
-            key.write_bytes(pair.key)
-            self.context.load_cert_chain(cert, key)
+        _load_chain(self.context, pair)
 
     def refresh(self) -> bool:
         if not self._files.refresh():

@@ -89,6 +89,18 @@ def internal_span(name: str, attributes: Mapping[str, str | int | bool]) -> Abst
     return tracer.start_as_current_span(name, kind=trace.SpanKind.INTERNAL, attributes=dict(attributes))
 
 
+def client_span(name: str) -> AbstractContextManager[object]:
+    """A client span for a gRPC call not made by grpc.aio (the HTTP/1.1
+    bridge's), named as the grpc instrumentation names its own; nothing at
+    all when not tracing."""
+    if not _enabled:
+        return contextlib.nullcontext()
+    tracer = trace.get_tracer("mariana")
+    service, _, method = name.lstrip("/").partition("/")
+    attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+    return tracer.start_as_current_span(name, kind=trace.SpanKind.CLIENT, attributes=attributes)
+
+
 def server_span(
     name: str, headers: Mapping[str, str], attributes: Mapping[str, str | int | bool]
 ) -> AbstractContextManager[object]:

@@ -3,7 +3,9 @@ One Envoy plays both parts:
 
 - the edge listener (mesh/envoy_edge.py);
 - one mesh listener per service that other services call (here): mTLS with a
-  client certificate required, RBAC on the caller's SPIFFE identity.
+  client certificate required, RBAC on the caller's SPIFFE identity. It takes
+  gRPC over h2, and unary gRPC over HTTP/1.1, which its grpc_http1_bridge
+  filter sends on as gRPC (mariana_common/http1_bridge.py is that client).
 
 Every upstream cluster (mesh/envoy_parts.py) speaks h2 over mTLS with Envoy's
 own identity (mesh/envoy_tls.py: SDS from files, so rotation needs no
@@ -41,6 +43,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
     RouteConfiguration,
     VirtualHost,
 )
+from envoy_data_plane.envoy.extensions.filters.http.grpc_http1_bridge.v3 import Config as GrpcHttp1Bridge
 from envoy_data_plane.envoy.extensions.filters.http.rbac.v3 import Rbac as RbacFilter
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -89,7 +92,7 @@ def mesh_listener(plan: Plan, name: str, service: Service, index: int = 0) -> Li
     )
     manager = HttpConnectionManager(
         stat_prefix=f"mesh_{name}",
-        codec_type=HttpConnectionManagerCodecType.HTTP2,
+        codec_type=HttpConnectionManagerCodecType.AUTO,  # by ALPN: h2, or HTTP/1.1 for the bridge
         tracing=tracing(plan, f"mesh-{name}"),
         route_config=RouteConfiguration(
             name=f"mesh_{name}",
@@ -97,13 +100,18 @@ def mesh_listener(plan: Plan, name: str, service: Service, index: int = 0) -> Li
         ),
         http_filters=[
             http_filter("envoy.filters.http.rbac", rbac),
+            # HTTP/1.1 requests with a gRPC message go upstream as gRPC; the
+            # answer comes back whole, its trailers folded into its headers.
+            http_filter("envoy.filters.http.grpc_http1_bridge", GrpcHttp1Bridge()),
             http_filter("envoy.filters.http.router", Router()),
         ],
         access_log=access_log(f"mesh_{name}", failures_only=True),
     )
     # The handshake only checks the CA; who may call is RBAC's decision, so a
     # known workload that may not call gets PERMISSION_DENIED, not a TLS error.
-    tls = DownstreamTlsContext(common_tls_context=tls_context(plan, []), require_client_certificate=True)
+    tls = DownstreamTlsContext(
+        common_tls_context=tls_context(plan, [], alpn=("h2", "http/1.1")), require_client_certificate=True
+    )
     return Listener(
         name=f"mesh_{name}",
         address=address(plan.mesh_ports[name][index]),

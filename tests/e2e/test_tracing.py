@@ -28,6 +28,7 @@ from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 pytestmark = pytest.mark.e2e
 INTERNAL = 1  # OTLP SpanKind INTERNAL
 SERVER = 2  # OTLP SpanKind SERVER
+CLIENT = 3  # OTLP SpanKind CLIENT
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +120,18 @@ def test_one_trace_crosses_every_hop(traced: tuple[Stack, OtlpReceiver, str]) ->
     assert sorted(s.attributes["mariana.direction"] for s in checks) == ["input", "output"]
     assert all(s.kind == INTERNAL and s.attributes["mariana.actions"] for s in checks)
     assert router.attributes["mariana.model"] == MODEL and router.attributes["mariana.route"] == "primary"
+    # The router's call to inference (unary, so over the mesh's HTTP/1.1 bridge) is a client span of its
+    # own, and inference's server span descends from it through the mesh hop's Envoy spans.
+    (complete,) = [s for s in in_trace if s.service == "router" and s.kind == CLIENT]
+    assert complete.name == "/mariana.inference.v1.InferenceService/Complete"
+    by_id = {s.span_id: s for s in in_trace}
+    served = next(s for s in in_trace if s.service == "inference" and s.kind == SERVER)
+    between = []
+    parent = by_id.get(served.parent_span_id)
+    while parent is not None and parent is not complete:
+        between.append(parent.service)
+        parent = by_id.get(parent.parent_span_id)
+    assert parent is complete and between and all(s.startswith("envoy-mesh-") for s in between), between
     assert router.attributes["mariana.tenant"] and "mariana.completion_tokens" in router.attributes
     assert not any("mk_" in str(v) for s in in_trace for v in s.attributes.values())  # never the key
     # Across the usage stream: billing's span links to the request's trace.
