@@ -44,6 +44,7 @@ class Side:
     tree: Path
     env: dict[str, str]
     python: str = sys.executable
+    moderation: str = "in_process"
     edge: str = ""
     key: str = ""
     process: subprocess.Popen[str] | None = None
@@ -53,6 +54,7 @@ class Side:
 
     def start(self) -> None:
         argv = [self.python, "-u", "-m", "bench.gateway_overhead", "--rates", "", "--paths", "direct", "--hold"]
+        argv += ["--moderation", self.moderation]
         env = {**os.environ, **self.env}
         self.process = subprocess.Popen(argv, cwd=self.tree, env=env, stdout=subprocess.PIPE, text=True)
         assert self.process.stdout is not None
@@ -122,6 +124,9 @@ def main() -> None:
     parser.add_argument("--b-env", action="append", default=[], metavar="K=V", help="environment of side B")
     parser.add_argument("--a-python", default=sys.executable, help="interpreter of side A's platform (a venv's python)")
     parser.add_argument("--b-python", default=sys.executable, help="interpreter of side B's platform")
+    parser.add_argument(
+        "--moderation", choices=("in_process", "service"), default="in_process", help="where both sides moderate chat"
+    )
     parser.add_argument("--pairs", type=int, default=7)
     parser.add_argument("--rate", type=float, default=300.0, help="req/s of each phase")
     parser.add_argument("--seconds", type=float, default=8.0, help="per phase")
@@ -130,8 +135,8 @@ def main() -> None:
         parser.error("the sides are the same: give a ref, an environment or an interpreter to one of them")
     with checkout(args.a_ref) as tree_a, checkout(args.b_ref) as tree_b:
         sides = [
-            Side("A", tree_a, environment(args.a_env), args.a_python),
-            Side("B", tree_b, environment(args.b_env), args.b_python),
+            Side("A", tree_a, environment(args.a_env), args.a_python, args.moderation),
+            Side("B", tree_b, environment(args.b_env), args.b_python, args.moderation),
         ]
         try:
             for side in sides:

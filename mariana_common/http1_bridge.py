@@ -23,6 +23,7 @@ import base64
 import itertools
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 from urllib.parse import unquote
@@ -250,7 +251,8 @@ class Http1Pool:
         host, port = self._addresses[0]
         self._authority = f"{host}:{port}"
         self._ssl_context = ssl_context
-        self._idle: dict[tuple[str, int], list[_Connection]] = {a: [] for a in self._addresses}
+        # Most recently used last; the oldest, at the front, are closed once stale.
+        self._idle: dict[tuple[str, int], deque[_Connection]] = {a: deque() for a in self._addresses}
         self._down_until: dict[tuple[str, int], float] = {}
         self._turn = itertools.cycle(range(len(self._addresses)))
         self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
@@ -290,15 +292,21 @@ class Http1Pool:
         raise rpc_error(grpc.StatusCode.UNAVAILABLE, f"no mesh listener answered: {last_error}")
 
     def _checkin(self, connection: _Connection) -> None:
-        if connection.reusable:
-            connection.idle_since = time.monotonic()
-            self._idle[connection.address].append(connection)
-        else:
+        if not connection.reusable:
             self._discard(connection)
+            return
+        connection.idle_since = now = time.monotonic()
+        idle = self._idle[connection.address]
+        idle.append(connection)
+        if now - idle[0].idle_since > IDLE_REUSE_S:  # left over from a burst: one closed per call
+            self._discard(idle.popleft())
 
     def _discard(self, connection: _Connection) -> None:
         connection.close()
         self._open.discard(connection)
+
+    def open_connections(self) -> int:
+        return len(self._open)
 
     def drop_idle(self) -> None:
         """Close the idle connections (after a certificate rotation)."""

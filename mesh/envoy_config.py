@@ -71,6 +71,11 @@ from mesh.envoy_tls import tls_context, write_sds_files
 from mesh.plan import Plan
 from mesh.topology import EDGE, Service
 
+# The bridge holds a whole answer, within the connection's buffer: 1 MiB unset,
+# and 2,048 embeddings (~3 MB) or a long generation's logprobs are more. Past
+# this, a clear error (the edge's transcoder holds 32 MiB of JSON).
+MESH_BUFFER_BYTES = 32 * 1024 * 1024
+
 
 def mesh_listener(plan: Plan, name: str, service: Service, index: int = 0) -> Listener:
     """Where services call `name`: only its declared callers get through."""
@@ -115,6 +120,7 @@ def mesh_listener(plan: Plan, name: str, service: Service, index: int = 0) -> Li
     return Listener(
         name=f"mesh_{name}",
         address=address(plan.mesh_ports[name][index]),
+        per_connection_buffer_limit_bytes=MESH_BUFFER_BYTES,
         filter_chains=[
             FilterChain(
                 filters=[network_filter(manager)],

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 import pytest
 
+from mariana_common import http1_bridge
 from mariana_common.errors import ResourceExhausted
 from mariana_common.http1_bridge import (
     Answer,
@@ -247,3 +248,16 @@ async def test_no_listener_is_unavailable() -> None:
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await pool.call("/p.S/M", b"", 1.0, ())
     assert error.value.code() is grpc.StatusCode.UNAVAILABLE
+
+
+async def test_connections_left_idle_after_a_burst_are_closed_as_calls_go_on(
+    peer: tuple[Peer, Http1Pool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, pool = peer
+    burst = await asyncio.gather(*(pool.call("/p.S/M", b"", 5.0, ()) for _ in range(3)))
+    assert len(burst) == 3 and server.connections == 3
+    monkeypatch.setattr(http1_bridge, "IDLE_REUSE_S", 0.05)
+    await asyncio.sleep(0.1)
+    for _ in range(3):  # one at a time: each call closes one connection that sat too long
+        await pool.call("/p.S/M", b"", 5.0, ())
+    assert pool.open_connections() == 1
