@@ -13,6 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mariana.auth.v1 import auth_pb2, auth_pb2_grpc
 from mariana.llm.v1 import llm_pb2, llm_pb2_grpc
 from mariana.moderation.v1 import moderation_pb2, moderation_pb2_grpc
+from mariana_common.channels import MeshChannel
+from mariana_common.tls import CertificateFiles
 from mesh.pki import CertFiles, mint_mesh
 from tests.e2e.conftest import MODEL, Platform, TenantKey, create_key_with_cli
 from tests.e2e.ledger import ledger_entries, wait_for_ledger
@@ -159,6 +161,31 @@ def test_mesh_listener_admits_a_declared_caller(platform: Platform) -> None:
         )
     assert reply.results[0].categories["pii"]
     assert reply.results[0].findings[0].kind == "email"
+
+
+async def _check_over_the_bridge(platform: Platform, caller: str) -> moderation_pb2.CheckResponse:
+    certs = platform.plan.certs[caller]
+    channel = MeshChannel(
+        platform.plan.mesh_target("moderation"),
+        CertificateFiles(certs.cert, certs.key, certs.ca),
+        unary_over_http1=True,
+    )
+    try:
+        stub = moderation_pb2_grpc.ModerationServiceStub(channel)
+        return await stub.Check(moderation_pb2.CheckRequest(texts=["mail x@example.com"]), timeout=5)
+    finally:
+        await channel.close()
+
+
+async def test_the_http1_bridge_keeps_the_mesh_rules(platform: Platform) -> None:
+    """Unary calls over HTTP/1.1 (what services send the mesh) meet the same
+    RBAC as gRPC over h2: a declared caller gets its answer, another workload
+    PERMISSION_DENIED."""
+    reply = await _check_over_the_bridge(platform, "router")
+    assert reply.results[0].findings[0].kind == "email"
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await _check_over_the_bridge(platform, "billing")
+    assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def _credentials(certs: CertFiles, ca: CertFiles | None = None) -> grpc.ChannelCredentials:
