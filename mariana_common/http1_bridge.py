@@ -24,8 +24,8 @@ import itertools
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar, cast
 from urllib.parse import unquote
 
 import grpc
@@ -54,6 +54,7 @@ _STATUS_OF_HTTP = {
     504: grpc.StatusCode.UNAVAILABLE,
 }
 _STATUS_OF_CODE = {code.value[0]: code for code in grpc.StatusCode}
+T = TypeVar("T")
 
 
 class _Lost(Exception):
@@ -163,6 +164,16 @@ def rpc_error(code: grpc.StatusCode, details: str, headers: dict[str, str] | Non
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailers), details, None)
 
 
+async def _within(step: Awaitable[T], deadline: float | None) -> T:
+    """`step`, or DEADLINE_EXCEEDED once the call's deadline passes."""
+    if deadline is None:
+        return await step
+    try:
+        return await asyncio.wait_for(step, max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+
+
 def _expire(answer: asyncio.Future[Answer]) -> None:
     if not answer.done():
         answer.set_exception(rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
@@ -258,19 +269,21 @@ class Http1Pool:
         self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._open: set[_Connection] = set()
 
-    async def _connect(self, address: tuple[str, int]) -> _Connection:
+    async def _connect(self, address: tuple[str, int], deadline: float | None) -> _Connection:
         loop = asyncio.get_running_loop()
         context = self._ssl_context() if self._ssl_context else None
-        _, connection = await loop.create_connection(
+        connecting = loop.create_connection(
             lambda: _Connection(address),
             *address,
             ssl=context,
             server_hostname="localhost" if context else None,  # Envoy's certificate names localhost
         )
+        # An Envoy that accepts and never finishes the handshake must not hold a call past its deadline.
+        _, connection = await _within(connecting, deadline)
         self._open.add(connection)
         return connection
 
-    async def _checkout(self) -> tuple[_Connection, bool]:
+    async def _checkout(self, deadline: float | None) -> tuple[_Connection, bool]:
         """A connection and whether it served before. Addresses that refused
         lately come last; an idle connection that sat too long is closed."""
         now = time.monotonic()
@@ -285,7 +298,7 @@ class Http1Pool:
                     return connection, True
                 self._discard(connection)
             try:
-                return await self._connect(address), False
+                return await self._connect(address, deadline), False
             except OSError as error:
                 self._down_until[address] = time.monotonic() + DOWN_FOR_S
                 last_error = error
@@ -332,11 +345,15 @@ class Http1Pool:
             head.append(f"{name}: {value}")
         if tracing_enabled():  # the client span's, as the grpc instrumentation would send it
             head.append(f"traceparent: {current_traceparent()}")
-        async with self._in_flight:
+        if self._in_flight.locked():  # as many calls in flight as Envoy's breaker allows: wait, within the deadline
+            await _within(self._in_flight.acquire(), deadline)
+        else:
+            await self._in_flight.acquire()
+        try:
             # A connection Envoy closed while it sat idle fails before any of
             # the answer: the request never reached a service, so it goes again.
             for _attempt in range(2):
-                connection, reused = await self._checkout()
+                connection, reused = await self._checkout(deadline)
                 lines = head
                 if deadline is not None:
                     lines = [*head, f"grpc-timeout: {grpc_timeout(deadline - time.monotonic())}"]
@@ -355,6 +372,8 @@ class Http1Pool:
                 break
             else:
                 raise rpc_error(grpc.StatusCode.UNAVAILABLE, "the mesh closed the connection twice")
+        finally:
+            self._in_flight.release()
         code, details = status_of(answer)
         if code is not grpc.StatusCode.OK:
             raise rpc_error(code, details, answer.headers)

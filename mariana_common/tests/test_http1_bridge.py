@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ssl
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -261,3 +262,40 @@ async def test_connections_left_idle_after_a_burst_are_closed_as_calls_go_on(
     for _ in range(3):  # one at a time: each call closes one connection that sat too long
         await pool.call("/p.S/M", b"", 5.0, ())
     assert pool.open_connections() == 1
+
+
+async def test_an_envoy_that_never_finishes_the_handshake_does_not_outlast_the_deadline() -> None:
+    stalled: list[asyncio.StreamWriter] = []
+
+    async def accept_and_stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        stalled.append(writer)  # accepted, and not a byte of TLS back
+
+    server = await asyncio.start_server(accept_and_stall, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = Http1Pool(f"127.0.0.1:{port}", ssl.create_default_context)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await pool.call("/p.S/M", b"", 0.2, ())
+    assert error.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert loop.time() - started < 5  # not the 60 s of asyncio's handshake timeout
+    assert stalled
+    await pool.close()
+    server.close()
+
+
+async def test_past_the_calls_in_flight_a_call_waits_within_its_deadline(
+    peer: tuple[Peer, Http1Pool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, pool = peer
+    monkeypatch.setattr(pool, "_in_flight", asyncio.Semaphore(1))
+    server.behave = lambda n, w: None if n == 1 else ok_answer(b"next")
+    held = asyncio.ensure_future(pool.call("/p.S/M", b"", None, ()))  # holds the only slot, never answered
+    await asyncio.sleep(0.05)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await pool.call("/p.S/M", b"", 0.1, ())
+    assert error.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    held.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await held
+    assert await pool.call("/p.S/M", b"", 5.0, ()) == b"next"  # the slot came back
