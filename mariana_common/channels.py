@@ -68,8 +68,10 @@ class MeshChannel:
         self._generation = 0
         self._channel = self._open()
         self._retired: set[asyncio.Task[None]] = set()
-        self._ssl_context = client_ssl_context(files.pair)
-        self._bridge = Http1Pool(target, lambda: self._ssl_context) if unary_over_http1 else None
+        self._bridge: Http1Pool | None = None
+        if unary_over_http1:
+            self._ssl_context = client_ssl_context(files.pair)
+            self._bridge = Http1Pool(target, lambda: self._ssl_context)
 
     def _open(self) -> grpc.aio.Channel:
         return grpc.aio.secure_channel(self._target, credentials_of(self._files.pair), options=_TLS_OPTIONS)
@@ -79,8 +81,8 @@ class MeshChannel:
             old, self._channel = self._channel, self._open()
             self._generation += 1
             log.info("mesh channel reopened with the rotated certificate", target=self._target)
-            self._ssl_context = client_ssl_context(self._files.pair)
             if self._bridge is not None:
+                self._ssl_context = client_ssl_context(self._files.pair)
                 self._bridge.drop_idle()
             task = asyncio.get_running_loop().create_task(old.close(OLD_CHANNEL_GRACE_S))
             self._retired.add(task)

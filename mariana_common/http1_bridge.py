@@ -7,10 +7,10 @@ over h2 and mTLS, with Envoy's retries, breakers and outlier ejection; the
 answer comes back whole, its trailers (`grpc-status`, `grpc-message`,
 `grpc-status-details-bin`, `retry-after`) folded into the HTTP headers.
 
-Why: a grpc.aio client call costs ~0.2 ms of CPU, and each of its completions
-wakes three threads in turn (gRPC's event engine, its poller, the event loop).
-This client is an asyncio.Protocol on the event loop's own thread: one
-wake-up per answer, ~0.16 against ~0.37 ms of the caller's CPU per call, p50
+Why: each completion of a grpc.aio client call wakes three threads in turn
+(gRPC's event engine, its poller, the event loop). This client is an
+asyncio.Protocol on the event loop's own thread: one wake-up per answer, 0.16
+against grpc.aio's 0.36-0.39 ms of the caller's CPU per call at 300 req/s, p50
 0.2 ms lower (measured in session 12). Streams stay on grpc.aio.
 
 Failures come out as grpc.aio.AioRpcError with the status gRPC would have
@@ -187,7 +187,6 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.reusable = True
         self.idle_since = 0.0
-        self.answers = 0
         self._buffer = bytearray()
         self._waiter: asyncio.Future[Answer] | None = None
 
@@ -199,7 +198,7 @@ class _Connection(asyncio.Protocol):
         try:
             parsed = parse_answer(self._buffer)
         except ValueError as error:
-            self._fail(error)
+            self._fail(rpc_error(grpc.StatusCode.INTERNAL, f"the mesh's answer is not HTTP/1.1: {error}"))
             return
         if parsed is None:
             return
@@ -207,12 +206,11 @@ class _Connection(asyncio.Protocol):
         del self._buffer[:used]
         if self._buffer or answer.headers.get("connection", "").lower() == "close":
             self.reusable = False
-        self.answers += 1
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(answer)
         else:
-            self._fail(ValueError("an answer nobody asked for"))
+            self._fail(rpc_error(grpc.StatusCode.INTERNAL, "the mesh sent an answer nobody asked for"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False

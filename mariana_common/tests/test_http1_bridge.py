@@ -160,6 +160,9 @@ async def test_a_connection_closed_while_idle_is_replaced_without_an_error(peer:
 
     server.behave = answer_then_close
     assert await pool.call("/p.S/M", b"", 5.0, ()) == b"answer 1"
+    # Time for the close to reach the pool while the connection sits idle. Had
+    # it not yet, the next call would meet it on the way: the race of the next
+    # test, which must come out the same.
     await asyncio.sleep(0.05)
     assert await pool.call("/p.S/M", b"", 5.0, ()) == b"answer 2"
     assert server.connections == 2
@@ -289,9 +292,15 @@ async def test_past_the_calls_in_flight_a_call_waits_within_its_deadline(
 ) -> None:
     server, pool = peer
     monkeypatch.setattr(pool, "_in_flight", asyncio.Semaphore(1))
-    server.behave = lambda n, w: None if n == 1 else ok_answer(b"next")
+    arrived = asyncio.Event()
+
+    def hold_the_first(n: int, writer: asyncio.StreamWriter) -> bytes | None:
+        arrived.set()
+        return None if n == 1 else ok_answer(b"next")
+
+    server.behave = hold_the_first
     held = asyncio.ensure_future(pool.call("/p.S/M", b"", None, ()))  # holds the only slot, never answered
-    await asyncio.sleep(0.05)
+    await arrived.wait()
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await pool.call("/p.S/M", b"", 0.1, ())
     assert error.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
@@ -299,3 +308,11 @@ async def test_past_the_calls_in_flight_a_call_waits_within_its_deadline(
     with pytest.raises(asyncio.CancelledError):
         await held
     assert await pool.call("/p.S/M", b"", 5.0, ()) == b"next"  # the slot came back
+
+
+async def test_an_answer_that_is_not_http_is_an_rpc_error(peer: tuple[Peer, Http1Pool]) -> None:
+    server, pool = peer
+    server.behave = lambda n, w: b"SSH-2.0-OpenSSH_9.2\r\n\r\n"
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await pool.call("/p.S/M", b"", 5.0, ())
+    assert error.value.code() is grpc.StatusCode.INTERNAL and "not HTTP/1.1" in (error.value.details() or "")
