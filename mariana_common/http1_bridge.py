@@ -285,9 +285,11 @@ class Http1Pool:
         """A connection and whether it served before. Addresses that refused
         lately come last; an idle connection that sat too long is closed."""
         now = time.monotonic()
-        first = next(self._turn)
-        order = self._addresses[first:] + self._addresses[:first]
-        order.sort(key=lambda a: self._down_until.get(a, 0.0) > now)
+        order = self._addresses
+        if len(order) > 1:  # round robin, those that refused lately last
+            first = next(self._turn)
+            order = order[first:] + order[:first]
+            order.sort(key=lambda a: self._down_until.get(a, 0.0) > now)
         for address in order:
             idle = self._idle[address]
             while idle:
