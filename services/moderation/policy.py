@@ -83,11 +83,15 @@ class PolicyBook(BaseModel):
         return rules
 
 
+def parse_policy(text: str) -> PolicyBook:
+    return PolicyBook.model_validate(yaml.safe_load(text))
+
+
 def load_policy(path: Path = DEFAULT_FILE) -> PolicyBook:
-    return PolicyBook.model_validate(yaml.safe_load(path.read_text()))
+    return parse_policy(path.read_text())
 
 
 def reloading_policy(path: Path, interval_s: float = 1.0) -> ReloadingFile[PolicyBook]:
     """The policy in a file, re-read when the file changes, so operators change
     it without a restart; a broken edit keeps the last good policy."""
-    return ReloadingFile(path, load_policy, "moderation policy", interval_s)
+    return ReloadingFile(path, parse_policy, "moderation policy", interval_s)

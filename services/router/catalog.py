@@ -124,9 +124,13 @@ class Catalog(Strict):
         return order
 
 
+def parse_catalog(text: str) -> Catalog:
+    return Catalog.model_validate(yaml.safe_load(text))
+
+
 def load_catalog(path: Path = DEFAULT_FILE) -> Catalog:
-    return Catalog.model_validate(yaml.safe_load(path.read_text()))
+    return parse_catalog(path.read_text())
 
 
 def reloading_catalog(path: Path, interval_s: float = 1.0) -> ReloadingFile[Catalog]:
-    return ReloadingFile(path, load_catalog, "model catalog", interval_s)
+    return ReloadingFile(path, parse_catalog, "model catalog", interval_s)
