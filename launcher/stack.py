@@ -109,6 +109,8 @@ class Stack:
             },
         }
         env |= {prefix + k: str(v) for k, v in extra.get(program, {}).items()}
+        if name in self.plan.http1_ports:  # Envoy's cluster for it speaks HTTP/1.1 there
+            env[prefix + "HTTP1_PORT"] = str(self.plan.http1_ports[name][replica])
         env |= shared_engine_settings(self.plan.topology, program)
         if program in ("moderation", "router"):  # the router runs the moderation engine in process
             env["MARIANA_MODERATION_POLICY_FILE"] = str(self._moderation_policy())

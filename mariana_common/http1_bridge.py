@@ -30,6 +30,7 @@ from urllib.parse import unquote
 
 import grpc
 
+from mariana_common.http1_wire import frame, parse_message, unframe
 from mariana_common.tracing import client_span, current_traceparent, tracing_enabled
 
 # Keep-alive connections idle longer than this are closed rather than reused,
@@ -37,7 +38,8 @@ from mariana_common.tracing import client_span, current_traceparent, tracing_ena
 IDLE_REUSE_S = 30.0
 # As many calls in flight per target as Envoy's breaker lets through.
 MAX_IN_FLIGHT = 1024
-MAX_HEAD_BYTES = 64 * 1024
+# Past the mesh listener's buffer (mesh/envoy_config.py): Envoy would not send it.
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
 # A target's address refused a connection: others are tried first for this long.
 DOWN_FOR_S = 1.0
 
@@ -77,66 +79,14 @@ class Answer:
 def parse_answer(buffer: bytes | bytearray) -> tuple[Answer, int] | None:
     """An HTTP/1.1 answer at the start of `buffer` and how many bytes it took;
     None while it is incomplete. ValueError when it is not HTTP/1.1."""
-    end = buffer.find(b"\r\n\r\n")
-    if end < 0:
-        if len(buffer) > MAX_HEAD_BYTES:
-            raise ValueError("answer head too long")
+    parsed = parse_message(buffer, MAX_ANSWER_BYTES)
+    if parsed is None:
         return None
-    lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
-    version, _, rest = lines[0].partition(" ")
+    message, used = parsed
+    version, _, rest = message.start_line.partition(" ")
     if not version.startswith("HTTP/1."):
-        raise ValueError(f"not an HTTP/1.1 answer: {lines[0][:40]!r}")
-    status = int(rest[:3])
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise ValueError(f"bad header line {line[:40]!r}")
-        headers[name.strip().lower()] = value.strip()
-    start = end + 4
-    if headers.get("transfer-encoding", "").lower() == "chunked":
-        return _chunked(buffer, start, status, headers)
-    length = int(headers.get("content-length", "0"))
-    if len(buffer) < start + length:
-        return None
-    return Answer(status, headers, bytes(buffer[start : start + length])), start + length
-
-
-def _chunked(buffer: bytes | bytearray, at: int, status: int, headers: dict[str, str]) -> tuple[Answer, int] | None:
-    body = bytearray()
-    while True:
-        line_end = buffer.find(b"\r\n", at)
-        if line_end < 0:
-            return None
-        size = int(bytes(buffer[at:line_end]).split(b";")[0], 16)
-        at = line_end + 2
-        if size == 0:
-            trailer_end = buffer.find(b"\r\n", at)
-            while trailer_end > at:  # trailer lines, which the bridge never sends: skipped
-                at = trailer_end + 2
-                trailer_end = buffer.find(b"\r\n", at)
-            if trailer_end < 0:
-                return None
-            return Answer(status, headers, bytes(body)), trailer_end + 2
-        if len(buffer) < at + size + 2:
-            return None
-        body += buffer[at : at + size]
-        at += size + 2
-
-
-def frame(message: bytes) -> bytes:
-    """A gRPC length-prefixed message, uncompressed."""
-    return b"\x00" + len(message).to_bytes(4, "big") + message
-
-
-def unframe(body: bytes) -> bytes:
-    """The one message of a unary answer's body."""
-    if len(body) < 5 or body[0] != 0:
-        raise ValueError("the answer is not one uncompressed gRPC message")
-    length = int.from_bytes(body[1:5], "big")
-    if len(body) != 5 + length:
-        raise ValueError("the answer's gRPC frame does not match its length")
-    return body[5:]
+        raise ValueError(f"not an HTTP/1.1 answer: {message.start_line[:40]!r}")
+    return Answer(int(rest[:3]), message.headers, message.body), used
 
 
 def grpc_timeout(seconds: float) -> str:

@@ -191,7 +191,8 @@ class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
         self._wrapped: dict[str, Any] = {}
         self._peers = frozenset(peer.encode() for peer in peers)
 
-    def _wrap(self, handler: Any, method: str) -> Any:
+    def wrap(self, handler: Any, method: str) -> Any:
+        """`handler` with errors mapped, callers checked and calls measured."""
         if handler.unary_unary and inspect.iscoroutinefunction(handler.unary_unary):
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method, self._peers),
@@ -218,7 +219,7 @@ class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        wrapped = self._wrapped[method] = self._wrap(handler, method)
+        wrapped = self._wrapped[method] = self.wrap(handler, method)
         return wrapped
 
 

@@ -8,7 +8,7 @@ import asyncio
 import gc
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import structlog
@@ -18,10 +18,11 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from mariana_common.gc_pacing import GcPacer
+from mariana_common.grpc_http1_server import GrpcHttp1Server, Handlers
 from mariana_common.interceptors import Context, ErrorStatusInterceptor
 from mariana_common.metrics import serve_metrics
 from mariana_common.settings import ServiceSettings
-from mariana_common.tls import server_credentials, uri_names
+from mariana_common.tls import ServerSslContext, server_credentials, uri_names
 
 __all__ = ["Context", "Registrar", "Server", "create_server", "run", "serve"]
 
@@ -33,29 +34,56 @@ GC_YOUNG_THRESHOLD = 10_000
 Registrar = Callable[[grpc.aio.Server], None]
 
 
+class Http1Listener:
+    """The same methods over HTTP/1.1 (`grpc_http1_server`), where it listens."""
+
+    def __init__(self, server: GrpcHttp1Server, settings: ServiceSettings) -> None:
+        self.server = server
+        self._host = settings.host
+        self.port = settings.http1_port or 0
+        self._tls = ServerSslContext(*settings.tls_files()) if settings.tls else None
+
+    async def start(self) -> None:
+        self.port = await self.server.start(self._host, self.port, self._tls)
+
+
 class Server:
-    """A started-or-not grpc.aio server and the port it is bound to."""
+    """A started-or-not grpc.aio server and the port it is bound to; and,
+    when the settings ask, the same methods over HTTP/1.1 (`http1`)."""
 
     def __init__(
-        self, server: grpc.aio.Server, port: int, health: HealthServicer, service_names: Iterable[str]
+        self,
+        server: grpc.aio.Server,
+        port: int,
+        health: HealthServicer,
+        service_names: Iterable[str],
+        http1: Http1Listener | None = None,
     ) -> None:
         self.grpc = server
         self.port = port
         self.health = health
         self.service_names = tuple(service_names)
+        self.http1 = http1
 
     async def start(self) -> None:
         await self.grpc.start()
+        if self.http1 is not None:
+            await self.http1.start()
         await self.set_serving(True)
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self.service_names):
             await self.health.set(name, status)
+        if self.http1 is not None:
+            self.http1.server.serving = serving
 
     async def stop(self, grace: float) -> None:
         await self.set_serving(False)
-        await self.grpc.stop(grace)
+        stopping = [self.grpc.stop(grace)]
+        if self.http1 is not None:
+            stopping.append(self.http1.server.stop(grace))
+        await asyncio.gather(*stopping)
 
 
 def allowed_peers(settings: ServiceSettings) -> frozenset[str]:
@@ -83,11 +111,14 @@ def create_server(
     service_names: Iterable[str],
 ) -> Server:
     """Builds the server with mTLS (or plaintext behind a sidecar); `register` adds the service's servicers to it."""
-    server = grpc.aio.server(
-        interceptors=[ErrorStatusInterceptor(allowed_peers(settings))],
-        options=server_options(settings),
-    )
+    interceptor = ErrorStatusInterceptor(allowed_peers(settings))
+    server = grpc.aio.server(interceptors=[interceptor], options=server_options(settings))
     register(server)
+    http1 = None
+    if settings.http1_port is not None:
+        handlers = Handlers()
+        register(cast(grpc.aio.Server, handlers))  # the same servicers' methods, collected
+        http1 = Http1Listener(GrpcHttp1Server(handlers, interceptor), settings)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = tuple(service_names)
@@ -97,7 +128,7 @@ def create_server(
         port = server.add_secure_port(address, server_credentials(*settings.tls_files()))
     else:
         port = server.add_insecure_port(address)
-    return Server(server, port, health_servicer, names)
+    return Server(server, port, health_servicer, names, http1)
 
 
 async def serve(
@@ -114,7 +145,11 @@ async def serve(
     serve_metrics(settings.metrics_port, settings.host)
     if settings.port_file is not None:
         settings.port_file.write_text(str(server.port))
-    log.info("serving", address=f"{settings.host}:{server.port}")
+    log.info(
+        "serving",
+        address=f"{settings.host}:{server.port}",
+        http1=f"{settings.host}:{server.http1.port}" if server.http1 else None,
+    )
     pacer = quiet_garbage_collector()
     await stop.wait()
     pacer.cancel()

@@ -48,6 +48,13 @@ class ServiceSettings(BaseSettings):
         description="Unary calls to other services go as HTTP/1.1 requests that Envoy's mesh listener bridges to "
         "gRPC (half the caller's CPU); only where the targets are the local mesh's Envoys.",
     )
+    http1_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Also serve the gRPC methods over HTTP/1.1 here, for the local mesh's Envoy (a third of "
+        "grpc.aio's CPU per call); unset: only the gRPC port.",
+    )
     max_pending_calls: int = Field(
         DEFAULT_MAX_PENDING_CALLS,
         gt=0,

@@ -26,6 +26,7 @@ from envoy_data_plane.envoy.config.bootstrap.v3 import (
     RuntimeLayer,
     RuntimeLayerAdminLayer,
 )
+from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.config.core.v3 import (
     Node,
     TransportSocket,
@@ -56,6 +57,7 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.google.protobuf import Any
 
+from mariana_common.grpc_http1_server import HEALTH_PATH as GRPC_HTTP1_HEALTH_PATH
 from mesh.envoy_edge import edge_listener, ext_authz_cluster
 from mesh.envoy_parts import (
     access_log,
@@ -64,6 +66,7 @@ from mesh.envoy_parts import (
     collector_cluster,
     http_filter,
     network_filter,
+    over_http1,
     service_routes,
     tracing,
 )
@@ -130,6 +133,14 @@ def mesh_listener(plan: Plan, name: str, service: Service, index: int = 0) -> Li
     )
 
 
+def service_cluster(plan: Plan, name: str, service: Service) -> Cluster:
+    """The service's replicas: over HTTP/1.1 where they serve it (`http1_port`), else h2 gRPC."""
+    if name not in plan.http1_ports:
+        return cluster(plan, name, service)
+    base = cluster(plan, name, service, ports=plan.upstream_ports(name), alpn=("http/1.1",))
+    return over_http1(base, GRPC_HTTP1_HEALTH_PATH)
+
+
 def render_bootstrap(plan: Plan, index: int = 0, edge_auth: bool = True) -> Bootstrap:
     """Envoy number `index` of the plan's Envoys (each has the edge listener
     and every mesh listener, on ports of its own). `edge_auth=False` drops
@@ -139,7 +150,7 @@ def render_bootstrap(plan: Plan, index: int = 0, edge_auth: bool = True) -> Boot
     listeners = [edge_listener(plan, index, edge_auth)]
     if not plan.service_dns:  # on Kubernetes, Istio's sidecars are the mesh
         listeners += [mesh_listener(plan, name, s, index) for name, s in services.items() if name in plan.mesh_ports]
-    clusters = [cluster(plan, name, s) for name, s in services.items()]
+    clusters = [service_cluster(plan, name, s) for name, s in services.items()]
     if edge_auth and plan.topology.edge.ext_authz_api == "http":
         clusters.append(ext_authz_cluster(plan))
     if plan.otlp_endpoint:

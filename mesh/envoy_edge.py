@@ -6,7 +6,6 @@ JSON <-> gRPC and answers errors in OpenAI's shape."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from datetime import timedelta
 
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
@@ -19,8 +18,6 @@ from envoy_data_plane.envoy.config.core.v3 import (
     GrpcServiceEnvoyGrpc,
     HeaderValue,
     HeaderValueOption,
-    HealthCheckHttpHealthCheck,
-    Http1ProtocolOptions,
     HttpUri,
     RuntimeFractionalPercent,
 )
@@ -63,10 +60,6 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpFilter,
 )
 from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate as PreviousHosts
-from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
-    HttpProtocolOptions,
-    HttpProtocolOptionsExplicitHttpConfig,
-)
 from envoy_data_plane.envoy.type.matcher.v3 import ListStringMatcher, StringMatcher
 from envoy_data_plane.envoy.type.v3 import FractionalPercent, HttpStatus, StatusCode, TokenBucket
 from envoy_data_plane.google.protobuf import Any
@@ -79,6 +72,7 @@ from mesh.envoy_parts import (
     cluster,
     http_filter,
     network_filter,
+    over_http1,
     service_routes,
     tracing,
 )
@@ -351,23 +345,7 @@ def ext_authz_cluster(plan: Plan) -> Cluster:
     detection, mTLS as Envoy), HTTP/1.1, health from `GET /healthz`."""
     service = plan.topology.services[AUTH]
     base = cluster(plan, AUTH, service, ports=plan.ext_authz_ports, cluster_name=EXT_AUTHZ_CLUSTER, alpn=("http/1.1",))
-    http1 = HttpProtocolOptions(
-        explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http_protocol_options=Http1ProtocolOptions())
-    )
-    health = [
-        replace(check, grpc_health_check=None, http_health_check=HealthCheckHttpHealthCheck(path=HEALTH_PATH))
-        for check in base.health_checks
-    ]
-    assert base.circuit_breakers is not None
-    limits = [
-        replace(t, max_connections=plan.topology.edge.ext_authz_connections) for t in base.circuit_breakers.thresholds
-    ]
-    return replace(
-        base,
-        typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(http1)},
-        health_checks=health,
-        circuit_breakers=replace(base.circuit_breakers, thresholds=limits),
-    )
+    return over_http1(base, HEALTH_PATH, plan.topology.edge.ext_authz_connections)
 
 
 def _tenant_rate_limit(plan: Plan) -> list[HttpFilter]:

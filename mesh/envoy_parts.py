@@ -4,6 +4,7 @@ topology's breakers, outlier detection and health checks, and tracing."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 from envoy_data_plane.envoy.config.accesslog.v3 import (
@@ -32,6 +33,8 @@ from envoy_data_plane.envoy.config.core.v3 import (
     GrpcServiceEnvoyGrpc,
     HealthCheck,
     HealthCheckGrpcHealthCheck,
+    HealthCheckHttpHealthCheck,
+    Http1ProtocolOptions,
     Http2ProtocolOptions,
     RuntimeUInt32,
     SocketAddress,
@@ -267,6 +270,33 @@ def cluster(
                 grpc_health_check=HealthCheckGrpcHealthCheck(),
             )
         ],
+    )
+
+
+def over_http1(base: Cluster, health_path: str, max_connections: int | None = None) -> Cluster:
+    """`base` (a service's cluster) spoken to in HTTP/1.1 with trailers (which
+    carry gRPC's status), its health from `GET health_path`. One request per
+    connection at a time: `max_connections` as many as its requests in flight
+    (default: the breaker's `max_requests`)."""
+    http1 = HttpProtocolOptions(
+        explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+            http_protocol_options=Http1ProtocolOptions(enable_trailers=True)
+        )
+    )
+    health = [
+        replace(check, grpc_health_check=None, http_health_check=HealthCheckHttpHealthCheck(path=health_path))
+        for check in base.health_checks
+    ]
+    assert base.circuit_breakers is not None
+    limits = [
+        replace(t, max_connections=max_connections if max_connections is not None else t.max_requests)
+        for t in base.circuit_breakers.thresholds
+    ]
+    return replace(
+        base,
+        typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(http1)},
+        health_checks=health,
+        circuit_breakers=replace(base.circuit_breakers, thresholds=limits),
     )
 
 

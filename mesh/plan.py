@@ -62,6 +62,8 @@ class Plan:
     descriptor_set: Path
     # auth replica i's port for Envoy's HTTP ext_authz check
     ext_authz_ports: list[int] = field(default_factory=list)
+    # service -> one port per replica where it serves gRPC over HTTP/1.1 to Envoy
+    http1_ports: dict[str, list[int]] = field(default_factory=dict)
     certs: dict[str, CertFiles] = field(default_factory=dict)
     # host:port of an OTLP/gRPC trace collector; empty: Envoy does not trace.
     otlp_endpoint: str = ""
@@ -85,6 +87,10 @@ class Plan:
 
     def identities(self) -> list[str]:
         return [ENVOY_IDENTITY, *self.topology.services]
+
+    def upstream_ports(self, service: str) -> list[int]:
+        """Where Envoy reaches each replica: its HTTP/1.1 port if it has one, else its gRPC port."""
+        return self.http1_ports.get(service) or self.service_ports[service]
 
     def mesh_target(self, service: str) -> str:
         """A gRPC target naming every Envoy's mesh listener for `service`."""
@@ -129,4 +135,9 @@ def make_plan(
         mesh_ports={name: per_envoy(s.mesh_port) for name, s in topology.services.items() if s.mesh_port is not None},
         descriptor_set=descriptor_set,
         ext_authz_ports=_replica_ports(topology.edge.ext_authz_port, auth.replicas if auth else 0, any_ports),
+        http1_ports={
+            name: _replica_ports(s.http1_port, s.replicas, any_ports)
+            for name, s in topology.services.items()
+            if s.http1_port is not None
+        },
     )

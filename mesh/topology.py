@@ -106,6 +106,11 @@ class Service(Strict):
     api: str
     port: int = Field(..., ge=0, le=65535)
     mesh_port: int | None = Field(None, ge=0, le=65535)
+    # Where the service also serves its methods over HTTP/1.1 (replica i on
+    # + 10 * i): the local Envoy's cluster for it connects there, a third of
+    # grpc.aio's server CPU per call (mariana_common/grpc_http1_server.py).
+    # Unset: Envoy speaks h2 gRPC to `port`. Kubernetes always does (Istio).
+    http1_port: int | None = Field(None, ge=0, le=65535)
     replicas: int = Field(1, ge=1)
     callers: list[str] = Field(default_factory=list)
     timeout: Duration = timedelta(seconds=30)

@@ -129,7 +129,12 @@ def test_rendered_policy_comes_from_the_topology(rendered: Path) -> None:
     breaker = topology.services["inference"].circuit_breaker
     assert inference["circuitBreakers"]["thresholds"][0]["maxRequests"] == breaker.max_requests
     assert inference["outlierDetection"]["consecutive5xx"] == 5
-    assert "grpcHealthCheck" in inference["healthChecks"][0]
+    # inference serves Envoy gRPC over HTTP/1.1 (trailers on, health over HTTP); billing h2 gRPC.
+    protocol = json.dumps(inference["typedExtensionProtocolOptions"])
+    assert '"enableTrailers": true' in protocol and "http2ProtocolOptions" not in protocol
+    assert inference["healthChecks"][0]["httpHealthCheck"]["path"] == "/healthz"
+    assert inference["circuitBreakers"]["thresholds"][0]["maxConnections"] == breaker.max_requests
+    assert "grpcHealthCheck" in clusters["billing"]["healthChecks"][0]
     listeners = {listener["name"]: listener for listener in config["staticResources"]["listeners"]}
     assert set(listeners) == {"edge", "mesh_inference", "mesh_moderation", "mesh_billing"}
     rbac = json.dumps(listeners["mesh_inference"])

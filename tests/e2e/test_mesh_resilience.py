@@ -178,13 +178,19 @@ def test_rotating_every_certificate_under_load_fails_no_request(mesh: tuple[Stac
     stack, _ = mesh
     assert stack.plan is not None
     plan = stack.plan
-    # Envoy's mesh listener, the router's gRPC port, auth's HTTP check port (Python's ssl)
-    ports = plan.mesh_ports["inference"][0], plan.service_ports["router"][0], plan.ext_authz_ports[0]
+    # Envoy's mesh listener, the router's gRPC port, its gRPC-over-HTTP/1.1 port and auth's HTTP check
+    # port (the last two Python's ssl)
+    ports = (
+        plan.mesh_ports["inference"][0],
+        plan.service_ports["router"][0],
+        plan.http1_ports["router"][0],
+        plan.ext_authz_ports[0],
+    )
     before = [serial_served_at(port, stack) for port in ports]
     with Load(edge(stack, 0), load_keys, LOAD_RPS) as load:
         run_for(2, load)
         stack.rotate_certificates()
-        rotated = [serial_in_file(plan.certs[name].cert) for name in ("envoy", "router", "auth")]
+        rotated = [serial_in_file(plan.certs[name].cert) for name in ("envoy", "router", "router", "auth")]
         deadline = time.monotonic() + 15
         while [serial_served_at(port, stack) for port in ports] != rotated:
             assert time.monotonic() < deadline, "the rotated certificates were not taken up"
@@ -226,7 +232,7 @@ def test_killing_one_replica_of_each_service_and_one_envoy_fails_no_request(
     plan = stack.plan
     http_check = plan.topology.edge.ext_authz_api == "http"
     auth_port = plan.ext_authz_ports[0] if http_check else plan.service_ports["auth"][0]
-    dead_ports = {plan.service_ports["inference"][0], auth_port, plan.service_ports["router"][0]}
+    dead_ports = {plan.upstream_ports("inference")[0], auth_port, plan.upstream_ports("router")[0]}
     unhealthy = {
         int(line.split("::")[1].rsplit(":", 1)[1])
         for line in clusters.decode().splitlines()
