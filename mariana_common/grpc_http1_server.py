@@ -307,8 +307,12 @@ class _Connection(asyncio.Protocol):
             return
         request, used = parsed
         del self._buffer[:used]
-        method, _, rest = request.start_line.partition(" ")
-        path = rest.partition(" ")[0]
+        method, path, version = [*request.start_line.split(" "), "", ""][:3]
+        if not version.startswith("HTTP/1.") or not path.startswith("/"):
+            log.warning("bad HTTP/1.1 request", line=request.start_line[:80])
+            self.write(_BAD_REQUEST)
+            self.close()
+            return
         if path == HEALTH_PATH:
             self.write(_HEALTHY if self._server.serving else _DRAINING)
             self._next()
@@ -354,7 +358,7 @@ class _Connection(asyncio.Protocol):
         try:
             request = handler.request_deserializer(unframe(body))
         except Exception as error:  # noqa: BLE001 - any decoding failure is the caller's
-            return call.end(grpc.StatusCode.INTERNAL, f"the request could not be decoded: {error}")
+            return call.end(grpc.StatusCode.INVALID_ARGUMENT, f"the request could not be decoded: {error}")
         service, _, name = path.lstrip("/").partition("/")
         attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
         try:
