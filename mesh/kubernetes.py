@@ -319,6 +319,7 @@ class Renderer:
             ext_authz_ports=[self.topology.edge.ext_authz_port],
             admin_ports=[ENVOY_ADMIN_PORT],
             service_ports={name: [s.port] for name, s in self.topology.services.items()},
+            http1_ports={},  # h2 to Istio's sidecars: the services serve gRPC only
             service_dns=f"{self.namespace}.svc.cluster.local",
             listen_host="0.0.0.0",
             descriptor_mount=f"{DESCRIPTOR_MOUNT}/mariana.pb",

@@ -166,6 +166,15 @@ def test_the_edge_is_the_same_envoy_with_dns_upstreams(manifests: list[Manifest]
     address = clusters["router"]["loadAssignment"]["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]
     assert address["socketAddress"]["address"] == "router.mariana.svc.cluster.local"
     assert "transportSocket" not in clusters["router"]  # Istio's sidecar does mTLS
+    # h2 gRPC to the sidecar: the local mesh's HTTP/1.1 port (`http1_port`) is not used here
+    assert "http2ProtocolOptions" in json.dumps(clusters["router"]["typedExtensionProtocolOptions"])
+    envs = [
+        variable["name"]
+        for deployment in by_kind(manifests, "Deployment").values()
+        for container in deployment["spec"]["template"]["spec"]["containers"]
+        for variable in container.get("env", [])
+    ]
+    assert not [name for name in envs if name.endswith("_HTTP1_PORT")]
     # auth's HTTP check (edge.ext_authz_api: http): a port of auth's Service, its container and its settings
     check_port = load_topology().edge.ext_authz_port
     if "auth_ext_authz" in clusters:
