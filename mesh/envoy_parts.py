@@ -276,8 +276,10 @@ def cluster(
 def over_http1(base: Cluster, health_path: str, max_connections: int | None = None) -> Cluster:
     """`base` (a service's cluster) spoken to in HTTP/1.1 with trailers (which
     carry gRPC's status), its health from `GET health_path`. One request per
-    connection at a time: `max_connections` as many as its requests in flight
-    (default: the breaker's `max_requests`)."""
+    connection at a time, so `max_connections` (default: the breaker's, at
+    most its `max_requests`) is how many are in flight: past it requests wait
+    in Envoy's pending queue, which is cheap, rather than in a storm of new
+    TLS connections to a service that is already behind."""
     http1 = HttpProtocolOptions(
         explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
             http_protocol_options=Http1ProtocolOptions(enable_trailers=True)
@@ -288,10 +290,11 @@ def over_http1(base: Cluster, health_path: str, max_connections: int | None = No
         for check in base.health_checks
     ]
     assert base.circuit_breakers is not None
-    limits = [
-        replace(t, max_connections=max_connections if max_connections is not None else t.max_requests)
-        for t in base.circuit_breakers.thresholds
-    ]
+    limits = []
+    for t in base.circuit_breakers.thresholds:
+        assert t.max_connections is not None and t.max_requests is not None  # `_thresholds` sets both
+        cap = max_connections if max_connections is not None else min(t.max_connections, t.max_requests)
+        limits.append(replace(t, max_connections=cap))
     return replace(
         base,
         typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": Any.pack(http1)},

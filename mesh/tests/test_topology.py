@@ -133,7 +133,10 @@ def test_rendered_policy_comes_from_the_topology(rendered: Path) -> None:
     protocol = json.dumps(inference["typedExtensionProtocolOptions"])
     assert '"enableTrailers": true' in protocol and "http2ProtocolOptions" not in protocol
     assert inference["healthChecks"][0]["httpHealthCheck"]["path"] == "/healthz"
-    assert inference["circuitBreakers"]["thresholds"][0]["maxConnections"] == breaker.max_requests
+    # one call per connection: the connections cap the calls in flight
+    assert inference["circuitBreakers"]["thresholds"][0]["maxConnections"] == min(
+        breaker.max_connections, breaker.max_requests
+    )
     assert "grpcHealthCheck" in clusters["billing"]["healthChecks"][0]
     listeners = {listener["name"]: listener for listener in config["staticResources"]["listeners"]}
     assert set(listeners) == {"edge", "mesh_inference", "mesh_moderation", "mesh_billing"}
