@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import structlog
 
-from mariana_common.http1_bridge import BridgedUnary, Http1Pool
+from mariana_common.http1_bridge import BridgedStream, BridgedUnary, Http1Pool
 from mariana_common.settings import ServiceSettings
 from mariana_common.tls import CertificateFiles, client_ssl_context, credentials_of
 
@@ -100,6 +100,8 @@ class MeshChannel:
         return _Method(self, "unary_unary", args, kwargs)
 
     def unary_stream(self, *args: Any, **kwargs: Any) -> Any:
+        if self._bridge is not None:
+            return BridgedStream(self._bridged, args[0], kwargs["request_serializer"], kwargs["response_deserializer"])
         return _Method(self, "unary_stream", args, kwargs)
 
     def stream_unary(self, *args: Any, **kwargs: Any) -> Any:

@@ -24,13 +24,13 @@ import itertools
 import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 from urllib.parse import unquote
 
 import grpc
 
-from mariana_common.http1_wire import frame, parse_message, unframe
+from mariana_common.http1_wire import StreamParser, frame, parse_message, unframe
 from mariana_common.tracing import client_span, current_traceparent, tracing_enabled
 
 # Keep-alive connections idle longer than this are closed rather than reused,
@@ -57,6 +57,8 @@ _STATUS_OF_HTTP = {
 }
 _STATUS_OF_CODE = {code.value[0]: code for code in grpc.StatusCode}
 T = TypeVar("T")
+# What a streamed answer's queue carries: a message, the ended parser, or a failure.
+StreamEvent = bytes | StreamParser | Exception
 
 
 class _Lost(Exception):
@@ -103,6 +105,13 @@ def status_of(answer: Answer) -> tuple[grpc.StatusCode, str]:
     return _STATUS_OF_CODE.get(int(raw), grpc.StatusCode.UNKNOWN), unquote(answer.headers.get("grpc-message", ""))
 
 
+def stream_status(parser: StreamParser) -> tuple[grpc.StatusCode, str]:
+    """A streamed answer's status: from its trailers, or its headers when it
+    was trailers-only."""
+    fields = parser.trailers if "grpc-status" in parser.trailers else parser.headers
+    return status_of(Answer(parser.status, fields, b""))
+
+
 def rpc_error(code: grpc.StatusCode, details: str, headers: dict[str, str] | None = None) -> grpc.aio.AioRpcError:
     """The error grpc.aio would raise; binary (-bin) headers decoded as gRPC does."""
     trailers: list[tuple[str, str | bytes]] = []
@@ -139,11 +148,16 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self._buffer = bytearray()
         self._waiter: asyncio.Future[Answer] | None = None
+        # A streamed answer under way: its parser and where its events go.
+        self._stream: tuple[StreamParser, asyncio.Queue[StreamEvent]] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's SSL transport is not a subclass
 
     def data_received(self, data: bytes) -> None:
+        if self._stream is not None:
+            self._stream_received(data)
+            return
         self._buffer += data
         try:
             parsed = parse_answer(self._buffer)
@@ -164,6 +178,10 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
+        if self._stream is not None:
+            parser, events = self._stream
+            self._stream = None
+            events.put_nowait(_Lost(answered=parser.received))
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(_Lost(answered=bool(self._buffer)))
@@ -174,6 +192,35 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)
         self.close()
+
+    def _stream_received(self, data: bytes) -> None:
+        assert self._stream is not None
+        parser, events = self._stream
+        try:
+            for message in parser.feed(data):
+                events.put_nowait(message)
+        except ValueError as error:
+            self._stream = None
+            failure = rpc_error(grpc.StatusCode.INTERNAL, f"the mesh's answer is not gRPC over HTTP/1.1: {error}")
+            events.put_nowait(failure)
+            self.close()
+            return
+        if parser.done:
+            self._stream = None
+            if parser.headers.get("connection", "").lower() == "close":
+                self.reusable = False
+            events.put_nowait(parser)
+
+    def send_streaming(self, request: bytes) -> asyncio.Queue[StreamEvent]:
+        """Sends a request whose answer is read as it comes: its messages, then
+        the parser (ended: the status), or an error, in a queue."""
+        assert self.transport is not None and self._waiter is None and self._stream is None
+        if self.transport.is_closing():
+            raise _Lost(answered=False)
+        events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        self._stream = (StreamParser(MAX_ANSWER_BYTES), events)
+        self.transport.write(request)
+        return events
 
     def send(self, request: bytes) -> asyncio.Future[Answer]:
         assert self.transport is not None and self._waiter is None
@@ -277,11 +324,13 @@ class Http1Pool:
             while idle:
                 self._discard(idle.pop())
 
-    async def call(
-        self, path: str, message: bytes, timeout_s: float | None, metadata: Sequence[tuple[str, Any]]
-    ) -> bytes:
-        """One unary call: the answer's message, or grpc.aio.AioRpcError."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    async def _slot(self, deadline: float | None) -> None:
+        if self._in_flight.locked():  # as many calls in flight as Envoy's breaker allows: wait, within the deadline
+            await _within(self._in_flight.acquire(), deadline)
+        else:
+            await self._in_flight.acquire()
+
+    def _head(self, path: str, message: bytes, metadata: Sequence[tuple[str, Any]]) -> list[str]:
         head = [
             f"POST {path} HTTP/1.1",
             f"host: {self._authority}",
@@ -295,10 +344,72 @@ class Http1Pool:
             head.append(f"{name}: {value}")
         if tracing_enabled():  # the client span's, as the grpc instrumentation would send it
             head.append(f"traceparent: {current_traceparent()}")
-        if self._in_flight.locked():  # as many calls in flight as Envoy's breaker allows: wait, within the deadline
-            await _within(self._in_flight.acquire(), deadline)
-        else:
-            await self._in_flight.acquire()
+        return head
+
+    async def stream(
+        self, path: str, message: bytes, timeout_s: float | None, metadata: Sequence[tuple[str, Any]]
+    ) -> AsyncIterator[bytes]:
+        """One server-streaming call: each message as it comes, then the end
+        (grpc.aio.AioRpcError for a status other than OK). The mesh listener
+        passes it through unbuffered (no bridge on streaming routes), the
+        status in chunked trailers. Closing the iterator early closes the
+        connection: Envoy cancels the call upstream."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        head = self._head(path, message, metadata)
+        await self._slot(deadline)
+        connection: _Connection | None = None
+        expiry: asyncio.TimerHandle | None = None
+        try:
+            for _attempt in range(2):
+                connection, reused = await self._checkout(deadline)
+                lines = head
+                if deadline is not None:
+                    lines = [*head, f"grpc-timeout: {grpc_timeout(deadline - time.monotonic())}"]
+                request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + frame(message)
+                events = connection.send_streaming(request)
+                if deadline is not None:  # a timer, not a wait_for per message (a task each)
+                    expired = rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+                    delay = max(0.0, deadline - time.monotonic())
+                    expiry = asyncio.get_running_loop().call_later(delay, events.put_nowait, expired)
+                first = await events.get()
+                if isinstance(first, _Lost) and reused and not first.answered:
+                    self._discard(connection)  # closed while idle: the request never reached a service
+                    if expiry is not None:
+                        expiry.cancel()
+                    continue
+                break
+            else:
+                raise rpc_error(grpc.StatusCode.UNAVAILABLE, "the mesh closed the connection twice")
+            event = first
+            while True:
+                if isinstance(event, bytes):
+                    yield event
+                elif isinstance(event, StreamParser):
+                    self._checkin(connection)
+                    connection = None
+                    code, details = stream_status(event)
+                    if code is not grpc.StatusCode.OK:
+                        raise rpc_error(code, details, {**event.headers, **event.trailers})
+                    return
+                elif isinstance(event, _Lost):
+                    raise rpc_error(grpc.StatusCode.UNAVAILABLE, "the mesh closed the connection mid-answer")
+                else:
+                    raise event
+                event = await events.get()
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+            if connection is not None:  # cut short (cancelled, deadline, failure): Envoy cancels upstream
+                self._discard(connection)
+            self._in_flight.release()
+
+    async def call(
+        self, path: str, message: bytes, timeout_s: float | None, metadata: Sequence[tuple[str, Any]]
+    ) -> bytes:
+        """One unary call: the answer's message, or grpc.aio.AioRpcError."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        head = self._head(path, message, metadata)
+        await self._slot(deadline)
         try:
             # A connection Envoy closed while it sat idle fails before any of
             # the answer: the request never reached a service, so it goes again.
@@ -373,3 +484,50 @@ class BridgedUnary:
         with client_span(self._path):
             reply = await self._pool().call(self._path, self._serialize(request), timeout, metadata or ())
         return self._deserialize(reply)
+
+
+class BridgedStream:
+    """A stub's unary-stream multicallable that calls through an Http1Pool:
+    the call it returns is iterated (`async for`) and may be `cancel()`ed, as
+    a grpc.aio one."""
+
+    def __init__(
+        self,
+        pool: Callable[[], Http1Pool],
+        path: str,
+        request_serializer: Callable[[Any], bytes],
+        response_deserializer: Callable[[bytes], Any],
+    ) -> None:
+        self._pool = pool
+        self._path = path
+        self._serialize = request_serializer
+        self._deserialize = response_deserializer
+
+    def __call__(
+        self,
+        request: Any,
+        *,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, Any]] | None = None,
+        **_: Any,
+    ) -> BridgedStreamCall:
+        messages = self._pool().stream(self._path, self._serialize(request), timeout, metadata or ())
+        return BridgedStreamCall(self._path, messages, self._deserialize)
+
+
+class BridgedStreamCall:
+    def __init__(self, path: str, messages: AsyncIterator[bytes], deserialize: Callable[[bytes], Any]) -> None:
+        self._path = path
+        self._messages = messages
+        self._deserialize = deserialize
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        with client_span(self._path):
+            async for message in self._messages:
+                yield self._deserialize(message)
+
+    def cancel(self) -> bool:
+        """Ends the call if it is under way (its connection is closed)."""
+        closing = cast(Any, self._messages).aclose()
+        asyncio.get_running_loop().create_task(closing)
+        return True

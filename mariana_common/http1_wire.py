@@ -100,3 +100,109 @@ def unframe(body: bytes) -> bytes:
 
 def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class StreamParser:
+    """An answer read as it arrives: its head, then each gRPC message of its
+    chunked body as soon as it is whole, then its trailers. `feed` returns the
+    messages completed by the bytes given; `done` once the answer has ended.
+    ValueError when it is not HTTP/1.1 or not gRPC framing."""
+
+    def __init__(self, max_message: int) -> None:
+        self._max_message = max_message
+        self._buffer = bytearray()
+        self._frames = bytearray()
+        self._state = "head"
+        self._left = 0  # of the current chunk, or of a body with a content-length
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.trailers: dict[str, str] = {}
+        self.done = False
+        self.received = False  # any byte of the answer
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self.received = self.received or bool(data)
+        self._buffer += data
+        while not self.done and self._step():
+            pass
+        return self._messages()
+
+    def _step(self) -> bool:
+        """One step of parsing; False when more bytes are needed."""
+        buffer = self._buffer
+        if self._state == "head":
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > MAX_HEAD_BYTES:
+                    raise ValueError("head too long")
+                return False
+            start_line, *lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
+            version, _, rest = start_line.partition(" ")
+            if not version.startswith("HTTP/1."):
+                raise ValueError(f"not an HTTP/1.1 answer: {start_line[:40]!r}")
+            self.status, self.headers = int(rest[:3]), _fields(lines)
+            del buffer[: end + 4]
+            if self.headers.get("transfer-encoding", "").lower() == "chunked":
+                self._state = "size"
+            else:
+                self._state, self._left = "body", int(self.headers.get("content-length", "0"))
+                self.done = self._left == 0
+            return True
+        if self._state == "size":
+            line_end = buffer.find(b"\r\n")
+            if line_end < 0:
+                return False
+            self._left = int(bytes(buffer[:line_end]).split(b";")[0], 16)
+            del buffer[: line_end + 2]
+            self._state = "data" if self._left else "trailers"
+            return True
+        if self._state in ("data", "body"):
+            if not buffer:
+                return False
+            taken = min(self._left, len(buffer))
+            self._frames += buffer[:taken]
+            del buffer[:taken]
+            self._left -= taken
+            if self._left:
+                return False
+            if self._state == "body":
+                self.done = True
+                return False
+            self._state = "chunk end"
+            return True
+        if self._state == "chunk end":
+            if len(buffer) < 2:
+                return False
+            if buffer[:2] != b"\r\n":
+                raise ValueError("a chunk does not end with CRLF")
+            del buffer[:2]
+            self._state = "size"
+            return True
+        # trailers: lines up to an empty one
+        end = buffer.find(b"\r\n\r\n") if not buffer.startswith(b"\r\n") else -2
+        if end == -1:
+            return False
+        if end >= 0:
+            self.trailers = _fields(bytes(buffer[:end]).decode("latin-1").split("\r\n"))
+            del buffer[: end + 4]
+        else:
+            del buffer[:2]
+        self.done = True
+        return False
+
+    def _messages(self) -> list[bytes]:
+        out = []
+        frames = self._frames
+        while len(frames) >= 5:
+            if frames[0] != 0:
+                raise ValueError("a compressed gRPC message was not asked for")
+            length = int.from_bytes(frames[1:5], "big")
+            if length > self._max_message:
+                raise ValueError(f"a gRPC message of {length} bytes is more than {self._max_message}")
+            if len(frames) < 5 + length:
+                break
+            out.append(bytes(frames[5 : 5 + length]))
+            del frames[: 5 + length]
+        if self.done and frames:
+            raise ValueError("the answer ended inside a gRPC message")
+        return out

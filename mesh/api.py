@@ -1,6 +1,7 @@
 """What the protos say about each method that the mesh needs: which gRPC
-paths a package serves, and which of them are safe to repeat (the standard
-`option idempotency_level` on the rpc: NO_SIDE_EFFECTS or IDEMPOTENT)."""
+paths a package serves, which of them are safe to repeat (the standard
+`option idempotency_level` on the rpc: NO_SIDE_EFFECTS or IDEMPOTENT), and
+which answer with a stream."""
 
 from __future__ import annotations
 
@@ -34,6 +35,19 @@ def method_paths(descriptor_set: Path, package: str) -> dict[str, bool]:
     if not paths:
         raise ValueError(f"no gRPC service in package {package!r} in {descriptor_set}")
     return paths
+
+
+def streaming_paths(descriptor_set: Path, package: str) -> list[str]:
+    """The server-streaming methods of `package`."""
+    paths = [
+        f"/{package}.{service.name}/{method.name}"
+        for file in _files(descriptor_set)
+        if file.package == package
+        for service in file.service
+        for method in service.method
+        if method.server_streaming
+    ]
+    return sorted(paths)
 
 
 def idempotent_paths(descriptor_set: Path, package: str) -> list[str]:

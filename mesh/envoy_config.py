@@ -28,6 +28,7 @@ from envoy_data_plane.envoy.config.bootstrap.v3 import (
 )
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster
 from envoy_data_plane.envoy.config.core.v3 import (
+    Http1ProtocolOptions,
     Node,
     TransportSocket,
 )
@@ -60,6 +61,7 @@ from envoy_data_plane.google.protobuf import Any
 from mariana_common.grpc_http1_server import HEALTH_PATH as GRPC_HTTP1_HEALTH_PATH
 from mesh.envoy_edge import edge_listener, ext_authz_cluster
 from mesh.envoy_parts import (
+    GRPC_HTTP1_BRIDGE,
     access_log,
     address,
     cluster,
@@ -101,16 +103,21 @@ def mesh_listener(plan: Plan, name: str, service: Service, index: int = 0) -> Li
     manager = HttpConnectionManager(
         stat_prefix=f"mesh_{name}",
         codec_type=HttpConnectionManagerCodecType.AUTO,  # by ALPN: h2, or HTTP/1.1 for the bridge
+        # An HTTP/1.1 caller of a stream gets its status in chunked trailers.
+        http_protocol_options=Http1ProtocolOptions(enable_trailers=True),
         tracing=tracing(plan, f"mesh-{name}"),
         route_config=RouteConfiguration(
             name=f"mesh_{name}",
-            virtual_hosts=[VirtualHost(name=name, domains=["*"], routes=service_routes(plan, name, ["/"]))],
+            virtual_hosts=[
+                VirtualHost(name=name, domains=["*"], routes=service_routes(plan, name, ["/"], streams_unbridged=True))
+            ],
         ),
         http_filters=[
             http_filter("envoy.filters.http.rbac", rbac),
             # HTTP/1.1 requests with a gRPC message go upstream as gRPC; the
-            # answer comes back whole, its trailers folded into its headers.
-            http_filter("envoy.filters.http.grpc_http1_bridge", GrpcHttp1Bridge()),
+            # answer comes back whole, its trailers folded into its headers
+            # (not on streams' routes: service_routes).
+            http_filter(GRPC_HTTP1_BRIDGE, GrpcHttp1Bridge()),
             http_filter("envoy.filters.http.router", Router()),
         ],
         access_log=access_log(f"mesh_{name}", failures_only=True),

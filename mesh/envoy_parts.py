@@ -44,6 +44,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
 from envoy_data_plane.envoy.config.listener.v3 import Filter
 from envoy_data_plane.envoy.config.route.v3 import (
+    FilterConfig,
     RetryPolicy,
     RetryPolicyRetryBackOff,
     RetryPolicyRetryHostPredicate,
@@ -69,7 +70,7 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
 from envoy_data_plane.envoy.type.v3 import Percent
 from envoy_data_plane.google.protobuf import Any, Struct, Value
 
-from mesh.api import idempotent_paths
+from mesh.api import idempotent_paths, streaming_paths
 from mesh.envoy_tls import tls_context
 from mesh.plan import Plan
 from mesh.topology import RetryPolicy as TopologyRetry
@@ -168,15 +169,27 @@ def _route_to(service_name: str, service: Service, match: RouteMatch, policy: To
     )
 
 
-def service_routes(plan: Plan, name: str, prefixes: list[str]) -> list[Route]:
+GRPC_HTTP1_BRIDGE = "envoy.filters.http.grpc_http1_bridge"
+
+
+def service_routes(plan: Plan, name: str, prefixes: list[str], streams_unbridged: bool = False) -> list[Route]:
     """One route per idempotent method (with `idempotent_retry`), then the
-    service's `prefixes` with the retry every method may have."""
+    service's `prefixes` with the retry every method may have.
+    `streams_unbridged`: the server-streaming methods' routes turn off the
+    HTTP/1.1 bridge (an HTTP/1.1 caller of a stream reads its messages as they
+    come and the status in the trailers; the bridge would hold it whole)."""
     service = plan.topology.services[name]
-    exact = [
-        _route_to(name, service, RouteMatch(path=path), service.idempotent_retry, f"{name}{path}")
-        for path in idempotent_paths(plan.descriptor_set, service.api)
-        if any(path.startswith(prefix) for prefix in prefixes)
-    ]
+    idempotent = set(idempotent_paths(plan.descriptor_set, service.api))
+    streams = set(streaming_paths(plan.descriptor_set, service.api)) if streams_unbridged else set()
+    exact = []
+    for path in sorted(idempotent | streams):
+        if not any(path.startswith(prefix) for prefix in prefixes):
+            continue
+        policy = service.idempotent_retry if path in idempotent else service.retry
+        route = _route_to(name, service, RouteMatch(path=path), policy, f"{name}{path}")
+        if path in streams:
+            route.typed_per_filter_config = {GRPC_HTTP1_BRIDGE: Any.pack(FilterConfig(disabled=True))}
+        exact.append(route)
     fallback = [
         _route_to(name, service, RouteMatch(prefix=prefix), service.retry, f"{name}{prefix}*") for prefix in prefixes
     ]
