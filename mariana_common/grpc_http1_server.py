@@ -37,7 +37,7 @@ import structlog
 
 from mariana_common.http1_wire import chunk, frame, parse_message, unframe
 from mariana_common.interceptors import ErrorStatusInterceptor
-from mariana_common.tls import LOOK_INTERVAL_S, ServerSslContext, uri_names_of_der
+from mariana_common.tls import ServerSslContext, uri_names_of_der
 from mariana_common.tracing import server_span
 
 log = structlog.get_logger()
@@ -218,7 +218,7 @@ class GrpcHttp1Server:
             backlog=ACCEPT_BACKLOG,  # Envoy opens a connection per concurrent call
         )
         if tls is not None:
-            self._rotation = loop.create_task(_follow_rotation(tls))
+            self._rotation = loop.create_task(tls.follow_rotation())
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self, grace: float) -> None:
@@ -232,12 +232,6 @@ class GrpcHttp1Server:
             await asyncio.wait(self.calls, timeout=grace)
         for connection in list(self.connections):
             connection.close()
-
-
-async def _follow_rotation(tls: ServerSslContext) -> None:
-    while True:
-        await asyncio.sleep(LOOK_INTERVAL_S)
-        tls.refresh()
 
 
 class _Connection(asyncio.Protocol):

@@ -9,6 +9,7 @@ reader can catch a new key beside an old certificate: such a pair is not taken
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import tempfile
 import time
@@ -151,6 +152,12 @@ class ServerSslContext:
             return False
         self._load(self._files.pair)
         return True
+
+    async def follow_rotation(self) -> None:
+        """Takes rotated files as they come, for as long as the server runs."""
+        while True:
+            await asyncio.sleep(LOOK_INTERVAL_S)
+            self.refresh()
 
 
 def channel_credentials(cert: Path, key: Path, ca: Path) -> grpc.ChannelCredentials:

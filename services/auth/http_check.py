@@ -25,7 +25,7 @@ import structlog
 
 from mariana_common.interceptors import trace_id_from
 from mariana_common.metrics import observe_call
-from mariana_common.tls import LOOK_INTERVAL_S, ServerSslContext, uri_names_of_der
+from mariana_common.tls import ServerSslContext, uri_names_of_der
 from mariana_common.tracing import server_span
 from services.auth.authorizer import Verdict
 from services.auth.ext_authz import IDENTITY_HEADERS, ExtAuthz, denial_of, is_grpc
@@ -163,14 +163,8 @@ class CheckServer:
             backlog=ACCEPT_BACKLOG,
         )
         if tls is not None:
-            self._rotation = loop.create_task(_follow_rotation(tls))
+            self._rotation = loop.create_task(tls.follow_rotation())
         return server
-
-
-async def _follow_rotation(tls: ServerSslContext) -> None:
-    while True:
-        await asyncio.sleep(LOOK_INTERVAL_S)
-        tls.refresh()
 
 
 class CheckConnection(asyncio.Protocol):
