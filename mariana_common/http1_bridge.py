@@ -123,6 +123,13 @@ def rpc_error(code: grpc.StatusCode, details: str, headers: dict[str, str] | Non
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailers), details, None)
 
 
+def _request(head: list[str], message: bytes, deadline: float | None) -> bytes:
+    """The request's bytes as it leaves now: the time left goes as `grpc-timeout`."""
+    if deadline is not None:
+        head = [*head, f"grpc-timeout: {grpc_timeout(deadline - time.monotonic())}"]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + frame(message)
+
+
 async def _within(step: Awaitable[T], deadline: float | None) -> T:
     """`step`, or DEADLINE_EXCEEDED once the call's deadline passes."""
     if deadline is None:
@@ -362,11 +369,7 @@ class Http1Pool:
         try:
             for _attempt in range(2):
                 connection, reused = await self._checkout(deadline)
-                lines = head
-                if deadline is not None:
-                    lines = [*head, f"grpc-timeout: {grpc_timeout(deadline - time.monotonic())}"]
-                request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + frame(message)
-                events = connection.send_streaming(request)
+                events = connection.send_streaming(_request(head, message, deadline))
                 if deadline is not None:  # a timer, not a wait_for per message (a task each)
                     expired = rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
                     delay = max(0.0, deadline - time.monotonic())
@@ -415,10 +418,7 @@ class Http1Pool:
             # the answer: the request never reached a service, so it goes again.
             for _attempt in range(2):
                 connection, reused = await self._checkout(deadline)
-                lines = head
-                if deadline is not None:
-                    lines = [*head, f"grpc-timeout: {grpc_timeout(deadline - time.monotonic())}"]
-                request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + frame(message)
+                request = _request(head, message, deadline)
                 try:
                     answer = await self._exchange(connection, request, deadline)
                 except _Lost as lost:
