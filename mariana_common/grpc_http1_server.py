@@ -35,14 +35,13 @@ from urllib.parse import quote
 import grpc
 import structlog
 
-from mariana_common.http1_wire import chunk, frame, parse_message, unframe
+from mariana_common.http1_wire import HEALTH_PATH, chunk, frame, parse_message, unframe
 from mariana_common.interceptors import ErrorStatusInterceptor
 from mariana_common.tls import ServerSslContext, uri_names_of_der
 from mariana_common.tracing import server_span
 
 log = structlog.get_logger()
 
-HEALTH_PATH = "/healthz"  # Envoy's health check: 200 while serving, 503 once draining
 # A request larger than the mesh listener would pass on (mesh/envoy_config.py).
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 ACCEPT_BACKLOG = 4096

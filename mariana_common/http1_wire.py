@@ -6,6 +6,8 @@ chunked trailers kept), and gRPC's length-prefixed framing."""
 from __future__ import annotations
 
 MAX_HEAD_BYTES = 64 * 1024
+# Envoy's health check of an HTTP/1.1 server of ours: 200 while serving, 503 once draining.
+HEALTH_PATH = "/healthz"
 
 
 class Message:

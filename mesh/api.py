@@ -5,6 +5,7 @@ which answer with a stream."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
@@ -21,17 +22,21 @@ def _files(descriptor_set: Path) -> tuple[descriptor_pb2.FileDescriptorProto, ..
     return tuple(descriptor_pb2.FileDescriptorSet.FromString(descriptor_set.read_bytes()).file)
 
 
+def _methods(descriptor_set: Path, package: str) -> Iterator[tuple[str, descriptor_pb2.MethodDescriptorProto]]:
+    """`/pkg.Service/Method` and its descriptor, for every method of every service in `package`."""
+    for file in _files(descriptor_set):
+        if file.package == package:
+            for service in file.service:
+                for method in service.method:
+                    yield f"/{package}.{service.name}/{method.name}", method
+
+
 def method_paths(descriptor_set: Path, package: str) -> dict[str, bool]:
     """`/pkg.Service/Method` -> whether the method may be repeated, for every
     method of every service in `package`."""
-    paths: dict[str, bool] = {}
-    for file in _files(descriptor_set):
-        if file.package != package:
-            continue
-        for service in file.service:
-            for method in service.method:
-                path = f"/{package}.{service.name}/{method.name}"
-                paths[path] = method.options.idempotency_level in _REPEATABLE
+    paths = {
+        path: method.options.idempotency_level in _REPEATABLE for path, method in _methods(descriptor_set, package)
+    }
     if not paths:
         raise ValueError(f"no gRPC service in package {package!r} in {descriptor_set}")
     return paths
@@ -39,15 +44,7 @@ def method_paths(descriptor_set: Path, package: str) -> dict[str, bool]:
 
 def streaming_paths(descriptor_set: Path, package: str) -> list[str]:
     """The server-streaming methods of `package`."""
-    paths = [
-        f"/{package}.{service.name}/{method.name}"
-        for file in _files(descriptor_set)
-        if file.package == package
-        for service in file.service
-        for method in service.method
-        if method.server_streaming
-    ]
-    return sorted(paths)
+    return sorted(path for path, method in _methods(descriptor_set, package) if method.server_streaming)
 
 
 def idempotent_paths(descriptor_set: Path, package: str) -> list[str]:

@@ -58,7 +58,6 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.google.protobuf import Any
 
-from mariana_common.grpc_http1_server import HEALTH_PATH as GRPC_HTTP1_HEALTH_PATH
 from mesh.envoy_edge import edge_listener, ext_authz_cluster
 from mesh.envoy_parts import (
     GRPC_HTTP1_BRIDGE,
@@ -145,7 +144,7 @@ def service_cluster(plan: Plan, name: str, service: Service) -> Cluster:
     if name not in plan.http1_ports:
         return cluster(plan, name, service)
     base = cluster(plan, name, service, ports=plan.upstream_ports(name), alpn=("http/1.1",))
-    return over_http1(base, GRPC_HTTP1_HEALTH_PATH)
+    return over_http1(base)
 
 
 def render_bootstrap(plan: Plan, index: int = 0, edge_auth: bool = True) -> Bootstrap:

@@ -79,7 +79,7 @@ from mesh.envoy_parts import (
 from mesh.plan import AUTH, Plan
 from mesh.topology import EDGE
 from services.auth.ext_authz import IDENTITY_HEADERS
-from services.auth.http_check import CALLER_CONTENT_TYPE, CHECK_PATH_PREFIX, FORWARDED_HEADERS, HEALTH_PATH
+from services.auth.http_check import CALLER_CONTENT_TYPE, CHECK_PATH_PREFIX, FORWARDED_HEADERS
 from services.router.domain import ROUTE_HEADERS
 
 LLM_SERVICE = "mariana.llm.v1.LlmService"
@@ -345,7 +345,7 @@ def ext_authz_cluster(plan: Plan) -> Cluster:
     detection, mTLS as Envoy), HTTP/1.1, health from `GET /healthz`."""
     service = plan.topology.services[AUTH]
     base = cluster(plan, AUTH, service, ports=plan.ext_authz_ports, cluster_name=EXT_AUTHZ_CLUSTER, alpn=("http/1.1",))
-    return over_http1(base, HEALTH_PATH, plan.topology.edge.ext_authz_connections)
+    return over_http1(base, plan.topology.edge.ext_authz_connections)
 
 
 def _tenant_rate_limit(plan: Plan) -> list[HttpFilter]:

@@ -70,6 +70,7 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
 from envoy_data_plane.envoy.type.v3 import Percent
 from envoy_data_plane.google.protobuf import Any, Struct, Value
 
+from mariana_common.http1_wire import HEALTH_PATH
 from mesh.api import idempotent_paths, streaming_paths
 from mesh.envoy_tls import tls_context
 from mesh.plan import Plan
@@ -286,9 +287,9 @@ def cluster(
     )
 
 
-def over_http1(base: Cluster, health_path: str, max_connections: int | None = None) -> Cluster:
+def over_http1(base: Cluster, max_connections: int | None = None) -> Cluster:
     """`base` (a service's cluster) spoken to in HTTP/1.1 with trailers (which
-    carry gRPC's status), its health from `GET health_path`. One request per
+    carry gRPC's status), its health from `GET /healthz`. One request per
     connection at a time, so `max_connections` (default: the breaker's, at
     most its `max_requests`) is how many are in flight: past it requests wait
     in Envoy's pending queue, which is cheap, rather than in a storm of new
@@ -299,7 +300,7 @@ def over_http1(base: Cluster, health_path: str, max_connections: int | None = No
         )
     )
     health = [
-        replace(check, grpc_health_check=None, http_health_check=HealthCheckHttpHealthCheck(path=health_path))
+        replace(check, grpc_health_check=None, http_health_check=HealthCheckHttpHealthCheck(path=HEALTH_PATH))
         for check in base.health_checks
     ]
     assert base.circuit_breakers is not None

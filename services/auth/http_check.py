@@ -23,6 +23,7 @@ from typing import cast
 
 import structlog
 
+from mariana_common.http1_wire import HEALTH_PATH
 from mariana_common.interceptors import trace_id_from
 from mariana_common.metrics import observe_call
 from mariana_common.tls import ServerSslContext, uri_names_of_der
@@ -35,7 +36,6 @@ log = structlog.get_logger()
 MAX_HEAD_BYTES = 32 * 1024
 ACCEPT_BACKLOG = 4096
 CHECK_PATH_PREFIX = "/check"
-HEALTH_PATH = "/healthz"  # Envoy's health check: 200 while serving, 503 once draining
 # What the edge forwards to the check (besides method, path and host).
 FORWARDED_HEADERS = ("authorization", "x-request-id", "traceparent")
 # The checked request's content-type (to shape a denial for gRPC or JSON),
